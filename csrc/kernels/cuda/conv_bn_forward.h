@@ -1,0 +1,35 @@
+// Fused CUDA forwards built on the tensor-core tile kernel (conv_tile_kernel.cuh).
+// Callers check tile_kernel_supports() first and use the ATen path otherwise.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fused_conv::cuda {
+
+// True when the tile kernel covers the configuration: groups == 1, float32 /
+// float16 / bfloat16, C_in <= 32, C_in*kh*kw <= 160, a non-empty output and a
+// shared-memory footprint within budget.
+bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups);
+
+at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& bn_weight,
+                             const std::optional<at::Tensor>& bn_bias,
+                             const at::Tensor& running_mean, const at::Tensor& running_var,
+                             double eps, const std::optional<at::Tensor>& scale_tensor,
+                             double scale, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation);
+
+// Returns (out, mean, invstd) in float32; mean includes the conv bias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    double eps, const std::optional<at::Tensor>& scale_tensor, double scale,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+
+}  // namespace fused_conv::cuda

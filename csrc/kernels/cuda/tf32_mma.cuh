@@ -1,0 +1,56 @@
+// Tensor-core building blocks: TF32 rounding/splitting and the m16n8k8 TF32 MMA.
+//
+// 3xTF32: a float x is split into big = tf32(x) and small = tf32(x - big), so
+// x*y ~= big_x*big_y + big_x*small_y + small_x*big_y with a relative error near
+// 2^-21 (the dropped small*small term and the rounding of small), i.e. float32
+// accuracy at tensor-core rates. Float16/bfloat16 values are exact in TF32, so
+// one MMA per product is exact for them.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_conv::cuda {
+
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+// big/small halves of the 3xTF32 split, as the bit patterns the MMA consumes.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
+  big = to_tf32(x);
+  small = to_tf32(x - __uint_as_float(big));
+}
+
+// D += A(16x8, row) * B(8x8, col), fp32 accumulate. Fragment ownership, with
+// g = lane / 4 and t = lane % 4 (PTX ISA, mma.m16n8k8 .tf32):
+//   a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]
+//   b0 = B[t][g], b1 = B[t+4][g]
+//   d0 = D[g][2t], d1 = D[g][2t+1], d2 = D[g+8][2t], d3 = D[g+8][2t+1]
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 4-byte asynchronous global->shared copy; src_bytes = 0 writes a zero (conv padding).
+__device__ __forceinline__ void cp_async_f32(float* smem_dst, const float* gmem_src,
+                                             bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem_src),
+               "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+}  // namespace fused_conv::cuda
