@@ -61,24 +61,32 @@ std::optional<ConvShape> make_shape(const at::Tensor& input, const at::Tensor& w
   if (groups != 1 || !(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16)) {
     return std::nullopt;
   }
+  const int64_t c_in = input.size(1), h = input.size(2), w = input.size(3);
+  const int64_t c_out = weight.size(0), kh = weight.size(2), kw = weight.size(3);
+  const int64_t h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  const int64_t k = c_in * kh * kw;
+  constexpr int64_t kInt32 = int64_t{1} << 31;
+  if (c_in > kMaxCin || k > kMaxK || input.size(0) * h_out * w_out == 0 ||
+      c_in * h * w >= kInt32 || c_out * h_out * w_out >= kInt32) {
+    return std::nullopt;  // per-image offsets are int32 inside the kernel
+  }
   ConvShape s{};
   s.n = input.size(0);
-  s.c_in = input.size(1);
-  s.h = input.size(2);
-  s.w = input.size(3);
-  s.c_out = weight.size(0);
-  s.kh = static_cast<int>(weight.size(2));
-  s.kw = static_cast<int>(weight.size(3));
+  s.c_in = static_cast<int>(c_in);
+  s.h = static_cast<int>(h);
+  s.w = static_cast<int>(w);
+  s.c_out = static_cast<int>(c_out);
+  s.h_out = static_cast<int>(h_out);
+  s.w_out = static_cast<int>(w_out);
+  s.kh = static_cast<int>(kh);
+  s.kw = static_cast<int>(kw);
   s.stride_h = static_cast<int>(stride[0]);
   s.stride_w = static_cast<int>(stride[1]);
   s.pad_h = static_cast<int>(padding[0]);
   s.pad_w = static_cast<int>(padding[1]);
   s.dil_h = static_cast<int>(dilation[0]);
   s.dil_w = static_cast<int>(dilation[1]);
-  s.h_out = (s.h + 2 * s.pad_h - s.dil_h * (s.kh - 1) - 1) / s.stride_h + 1;
-  s.w_out = (s.w + 2 * s.pad_w - s.dil_w * (s.kw - 1) - 1) / s.stride_w + 1;
-  const int64_t k = s.c_in * s.kh * s.kw;
-  if (s.c_in > kMaxCin || k > kMaxK || s.n * s.h_out * s.w_out == 0) return std::nullopt;
   s.k = static_cast<int>(k);
   s.k_steps = (s.k + 7) / 8;
   s.in_tile_h = (kTileH - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1;

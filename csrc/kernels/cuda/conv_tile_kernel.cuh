@@ -30,12 +30,15 @@ constexpr int kTileH = kWarps;  // output rows per tile: one per warp
 constexpr int kTileW = 32;      // output columns per tile: two m16 fragments
 
 struct ConvShape {
-  int64_t n, c_in, h, w, c_out, h_out, w_out;
+  int64_t n, tiles;  // batch and pixel tiles (n * tiles_h * tiles_w)
+  // Per-image sizes are int32: the host only takes shapes whose per-image input
+  // and output have fewer than 2^31 elements; batch offsets are int64.
+  int c_in, h, w, c_out, h_out, w_out;
   int kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  bool channels_last;       // input and output layout (NHWC) else NCHW
+  bool channels_last;        // input and output layout (NHWC) else NCHW
   int in_tile_h, in_tile_w;  // the input patch (with halo) one output tile needs
   int k, k_steps;            // K = c_in*kh*kw and ceil(K / 8)
-  int64_t tiles_h, tiles_w, tiles;  // pixel tiles; tiles = n*tiles_h*tiles_w
+  int tiles_h, tiles_w;
 };
 
 // Per-channel epilogue out = a[c]*conv(x)[c] + d[c] with
@@ -82,70 +85,132 @@ template <int kNT, int kSplit>
 struct SmemLayout {
   static constexpr int kBN = 8 * kNT;
   static constexpr int kBVec = kSplit >= 2 ? 4 : 2;  // {b0,b1[,b0_small,b1_small]} per lane
-  int b_frag, k_off, coef_a, coef_d, red, tile_mean, in_tile, tile_stride, total;
+  int b_frag, k_off, coef_a, coef_d, stat_n, stat_mean, stat_m2, in_tile;
+  int plane_stride;  // words between channel planes of the patch: = 8 (mod 32)
+  int tile_stride;   // words between the two patch buffers
+  int total;
   __host__ __device__ SmemLayout(const ConvShape& s) {
     b_frag = 0;
     k_off = b_frag + s.k_steps * kNT * 32 * kBVec;
     coef_a = k_off + s.k_steps * 8;
     coef_d = coef_a + kBN;
-    red = coef_d + kBN;
-    tile_mean = red + kWarps * kBN;
-    in_tile = tile_mean + kBN;
-    tile_stride = (static_cast<int>(s.c_in) * s.in_tile_h * s.in_tile_w + 3) & ~3;
+    stat_n = coef_d + kBN;
+    stat_mean = stat_n + kWarps;
+    stat_m2 = stat_mean + kWarps * kBN;
+    in_tile = (stat_m2 + kWarps * kBN + 3) & ~3;
+    const int plane = s.in_tile_h * s.in_tile_w;
+    plane_stride = plane + ((8 - plane) % 32 + 32) % 32;
+    tile_stride = (s.c_in * plane_stride + 3) & ~3;
     total = in_tile + 2 * tile_stride;
   }
 };
 
 struct TileCoord {
   int64_t n;
-  int64_t oh0, ow0;
+  int oh0, ow0;
 };
 
 __device__ __forceinline__ TileCoord tile_coord(const ConvShape& s, int64_t tile) {
+  const int64_t rows = tile / s.tiles_w;
   TileCoord c;
-  const int64_t tw = tile % s.tiles_w;
-  const int64_t rest = tile / s.tiles_w;
-  c.oh0 = (rest % s.tiles_h) * kTileH;
-  c.ow0 = tw * kTileW;
-  c.n = rest / s.tiles_h;
+  c.ow0 = static_cast<int>(tile - rows * s.tiles_w) * kTileW;
+  c.n = rows / s.tiles_h;
+  c.oh0 = static_cast<int>(rows - c.n * s.tiles_h) * kTileH;
   return c;
 }
 
-// Stages the input patch of one output tile (zeros outside the image = padding).
-// NHWC walks channels fastest so that a warp reads contiguous global memory.
-template <typename T>
-__device__ __forceinline__ void load_patch(const T* __restrict__ x, const ConvShape& s,
-                                           const TileCoord& tc, float* dst) {
-  const int64_t ih0 = tc.oh0 * s.stride_h - s.pad_h;
-  const int64_t iw0 = tc.ow0 * s.stride_w - s.pad_w;
-  const int c_in = static_cast<int>(s.c_in);
-  const int elems = c_in * s.in_tile_h * s.in_tile_w;
-  for (int i = threadIdx.x; i < elems; i += kThreads) {
-    int ci, ih, iw;
-    if (s.channels_last) {
-      ci = i % c_in;
-      const int p = i / c_in;
-      ih = p / s.in_tile_w;
-      iw = p % s.in_tile_w;
-    } else {
-      iw = i % s.in_tile_w;
-      const int r = i / s.in_tile_w;
-      ih = r % s.in_tile_h;
-      ci = r / s.in_tile_h;
+// Walks this thread's elements of the staged patch, i = threadIdx.x + kThreads*m
+// in shared-memory order [ci][ih][iw], by carries instead of divisions (the
+// patch geometry is the same for every tile, so the start and step are computed
+// once per block).
+struct PatchWalk {
+  int ci, ih, iw;  // start
+  int dc, dh, dw;  // step of kThreads elements
+  __device__ PatchWalk(const ConvShape& s) {
+    const int plane = s.in_tile_h * s.in_tile_w;
+    ci = threadIdx.x / plane;
+    ih = (threadIdx.x % plane) / s.in_tile_w;
+    iw = threadIdx.x % s.in_tile_w;
+    dc = kThreads / plane;
+    dh = (kThreads % plane) / s.in_tile_w;
+    dw = kThreads % s.in_tile_w;
+  }
+};
+
+// Visits this thread's patch elements: fn(m, dst, src, inside) with m the
+// element's ordinal for this thread, dst its shared-memory index (channel planes
+// padded by plane_pad words), src its offset in the image and inside = false for
+// padding.
+template <typename Fn>
+__device__ __forceinline__ void for_each_patch_element(const ConvShape& s, const PatchWalk& walk,
+                                                       const TileCoord& tc, int plane_pad,
+                                                       Fn&& fn) {
+  const int gh0 = tc.oh0 * s.stride_h - s.pad_h;
+  const int gw0 = tc.ow0 * s.stride_w - s.pad_w;
+  const int elems = s.c_in * s.in_tile_h * s.in_tile_w;
+  int ci = walk.ci, ih = walk.ih, iw = walk.iw;
+  int m = 0;
+  for (int i = threadIdx.x; i < elems; i += kThreads, ++m) {
+    const int gh = gh0 + ih, gw = gw0 + iw;
+    const bool inside = static_cast<unsigned>(gh) < static_cast<unsigned>(s.h) &&
+                        static_cast<unsigned>(gw) < static_cast<unsigned>(s.w);
+    const int src = !inside ? 0
+                    : s.channels_last ? (gh * s.w + gw) * s.c_in + ci
+                                      : (ci * s.h + gh) * s.w + gw;
+    fn(m, i + ci * plane_pad, src, inside);
+    iw += walk.dw;
+    ih += walk.dh;
+    ci += walk.dc;
+    if (iw >= s.in_tile_w) {
+      iw -= s.in_tile_w;
+      ++ih;
     }
-    const int64_t gh = ih0 + ih, gw = iw0 + iw;
-    const bool inside = gh >= 0 && gh < s.h && gw >= 0 && gw < s.w;
-    const int64_t src = !inside ? 0
-                        : s.channels_last ? ((tc.n * s.h + gh) * s.w + gw) * s.c_in + ci
-                                          : ((tc.n * s.c_in + ci) * s.h + gh) * s.w + gw;
-    float* d = dst + (ci * s.in_tile_h + ih) * s.in_tile_w + iw;
-    if constexpr (sizeof(T) == 4) {
-      cp_async_f32(d, x + src, inside);
-    } else {
-      *d = inside ? to_float(x[src]) : 0.f;
+    if (ih >= s.in_tile_h) {
+      ih -= s.in_tile_h;
+      ++ci;
     }
   }
 }
+
+// Staging of the next tile's patch while the current one computes.
+//   float: cp.async straight into the other shared buffer (zero-fill = padding);
+//   fp16/bf16: loads into registers before the compute, converted and stored to
+//   shared memory after it (elements past kRegs per thread are stored directly).
+template <typename T>
+struct PatchStager {
+  static constexpr int kRegs = sizeof(T) == 4 ? 1 : 16;
+  T regs[kRegs];
+
+  __device__ __forceinline__ void issue(const T* __restrict__ x, const ConvShape& s,
+                                        const PatchWalk& walk, const TileCoord& tc,
+                                        int plane_pad, float* dst) {
+    const T* img = x + tc.n * s.c_in * s.h * s.w;
+    for_each_patch_element(s, walk, tc, plane_pad, [&](int m, int d, int src, bool inside) {
+      if constexpr (sizeof(T) == 4) {
+        cp_async_f32(dst + d, reinterpret_cast<const float*>(img + src), inside);
+      } else {
+        const T v = inside ? img[src] : from_float<T>(0.f);
+        if (m < kRegs) {
+          regs[m] = v;
+        } else {
+          dst[d] = to_float(v);
+        }
+      }
+    });
+    cp_async_commit();
+  }
+
+  // Completes the staging issued for the buffer `dst` (a no-op for float, whose
+  // copies complete through cp.async.wait_group).
+  __device__ __forceinline__ void finish(const ConvShape& s, const PatchWalk& walk,
+                                         const TileCoord& tc, int plane_pad, float* dst) {
+    if constexpr (sizeof(T) != 4) {
+      for_each_patch_element(s, walk, tc, plane_pad, [&](int m, int d, int, bool) {
+        if (m < kRegs) dst[d] = to_float(regs[m]);
+      });
+    }
+  }
+};
 
 // Chan et al.'s pairwise merge of (count, mean, M2) summaries.
 template <typename F>
@@ -176,23 +241,26 @@ __global__ void __launch_bounds__(kThreads)
   int* k_off = reinterpret_cast<int*>(smem + lay.k_off);
   float* coef_a = smem + lay.coef_a;
   float* coef_d = smem + lay.coef_d;
-  float* red = smem + lay.red;
-  float* tile_mean = smem + lay.tile_mean;
   float* patches = smem + lay.in_tile;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t c_base = static_cast<int64_t>(blockIdx.y) * kBN;
+  const int c_base = blockIdx.y * kBN;
 
   // ---- prologue: weights in fragment order (b0 = B[t][g], b1 = B[t+4][g]) ----
   for (int i = threadIdx.x; i < s.k_steps * kNT * 32; i += kThreads) {
     const int fl = i & 31, j = (i >> 5) % kNT, ks = (i >> 5) / kNT;
-    const int64_t n = c_base + j * 8 + (fl >> 2);
+    const int n = c_base + j * 8 + (fl >> 2);
     float v[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int k = ks * 8 + (fl & 3) + 4 * r;
-      v[r] = (k < s.k && n < s.c_out) ? to_float(w[n * s.k + k]) : 0.f;
+      const int k = ks * 8 + (fl & 3) + 4 * r;  // GEMM order: k = (kr*kw + kq)*c_in + ci
+      float value = 0.f;
+      if (k < s.k && n < s.c_out) {
+        const int ci = k % s.c_in, rq = k / s.c_in;  // weight memory order is (ci, kr, kq)
+        value = to_float(w[static_cast<int64_t>(n) * s.k + ci * s.kh * s.kw + rq]);
+      }
+      v[r] = value;
     }
     float* dst = b_frag + i * kBVec;
     if constexpr (kSplit >= 2) {
@@ -208,18 +276,20 @@ __global__ void __launch_bounds__(kThreads)
       dst[1] = __uint_as_float(to_tf32(v[1]));
     }
   }
-  // k -> offset of (ci, r, q) inside the staged patch. Padded k (>= K) meets zero
-  // weights; pointing it at offset 0 keeps the product finite (0 * NaN = NaN).
+  // k -> offset of (kr, kq, ci) inside the staged patch. With ci fastest in k and
+  // a channel-plane stride of 8 (mod 32) words, the four k of one A load (t) hit
+  // banks 8 apart while g walks 8 consecutive ones: conflict-free for c_in >= 4.
+  // Padded k (>= K) meets zero weights; offset 0 keeps the product finite.
   for (int k = threadIdx.x; k < s.k_steps * 8; k += kThreads) {
     int off = 0;
     if (k < s.k) {
-      const int ci = k / (s.kh * s.kw), rq = k % (s.kh * s.kw);
-      off = (ci * s.in_tile_h + (rq / s.kw) * s.dil_h) * s.in_tile_w + (rq % s.kw) * s.dil_w;
+      const int ci = k % s.c_in, rq = k / s.c_in;
+      off = ci * lay.plane_stride + (rq / s.kw) * s.dil_h * s.in_tile_w + (rq % s.kw) * s.dil_w;
     }
     k_off[k] = off;
   }
   if (!kStats && threadIdx.x < kBN) {
-    const int64_t c = c_base + threadIdx.x;
+    const int c = c_base + threadIdx.x;
     float a = 0.f, d = 0.f;
     if (c < s.c_out) {
       const float sc = f.scale * (f.scale_tensor ? *f.scale_tensor : 1.f);
@@ -240,16 +310,33 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int q = 0; q < 4; ++q) pix[q] = warp * s.stride_h * s.in_tile_w + (g + 8 * q) * s.stride_w;
 
-  float run_n = 0.f, run_mean = 0.f, run_m2 = 0.f;  // statistics of channel threadIdx.x
+  // Statistics of this thread's channel slots (c = 8j + 2t + p) over its pixels:
+  // a running (count, mean, M2) per slot, merged tile by tile (Chan et al.).
+  float st_n = 0.f;
+  float st_mean[kNT][2], st_m2[kNT][2];
+  if constexpr (kStats) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) st_mean[j][0] = st_mean[j][1] = st_m2[j][0] = st_m2[j][1] = 0.f;
+  }
 
+  const PatchWalk walk(s);
+  const int plane_pad = lay.plane_stride - s.in_tile_h * s.in_tile_w;
+  PatchStager<T> stager;
   int64_t tile = blockIdx.x;
-  if (tile < s.tiles) load_patch(x, s, tile_coord(s, tile), patches);
-  cp_async_commit();
+  if (tile < s.tiles) {
+    const TileCoord first = tile_coord(s, tile);
+    stager.issue(x, s, walk, first, plane_pad, patches);
+    stager.finish(s, walk, first, plane_pad, patches);
+  }
 
   for (int it = 0; tile < s.tiles; ++it, tile += gridDim.x) {
     const int64_t next = tile + gridDim.x;
-    if (next < s.tiles) load_patch(x, s, tile_coord(s, next), patches + ((it + 1) & 1) * lay.tile_stride);
-    cp_async_commit();
+    float* next_patch = patches + ((it + 1) & 1) * lay.tile_stride;
+    if (next < s.tiles) {
+      stager.issue(x, s, walk, tile_coord(s, next), plane_pad, next_patch);
+    } else {
+      cp_async_commit();  // keep one group per iteration for the wait below
+    }
     cp_async_wait<1>();  // this tile's copies have landed (the next tile's may be in flight)
     __syncthreads();
 
@@ -262,115 +349,154 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
 
+    // The A values of k-step ks+1 are loaded while ks runs its MMAs.
+    auto load_a = [&](int ks, float (&v)[2][4]) {
+      const int ko0 = k_off[ks * 8 + t], ko1 = k_off[ks * 8 + t + 4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        v[mt][0] = patch[pix[2 * mt] + ko0];
+        v[mt][1] = patch[pix[2 * mt + 1] + ko0];
+        v[mt][2] = patch[pix[2 * mt] + ko1];
+        v[mt][3] = patch[pix[2 * mt + 1] + ko1];
+      }
+    };
+    float a_val[2][4];
+    load_a(0, a_val);
 #pragma unroll 1
     for (int ks = 0; ks < s.k_steps; ++ks) {
-      const int ko0 = k_off[ks * 8 + t], ko1 = k_off[ks * 8 + t + 4];
       uint32_t a_big[2][4], a_small[2][4];
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        const float v[4] = {patch[pix[2 * mt] + ko0], patch[pix[2 * mt + 1] + ko0],
-                            patch[pix[2 * mt] + ko1], patch[pix[2 * mt + 1] + ko1]};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           if constexpr (kSplit == 3) {
-            split_tf32(v[e], a_big[mt][e], a_small[mt][e]);
+            split_tf32(a_val[mt][e], a_big[mt][e], a_small[mt][e]);
           } else {
-            a_big[mt][e] = to_tf32(v[e]);
+            a_big[mt][e] = to_tf32(a_val[mt][e]);
           }
         }
       }
+      load_a(ks + 1 < s.k_steps ? ks + 1 : ks, a_val);
       const float* bk = b_frag + (ks * kNT * 32 + lane) * kBVec;
+      // Term-major order over groups of up to 4 n8 fragments: 8 independent
+      // accumulators separate two MMAs into the same one, hiding MMA latency.
+      constexpr int kGroup = kNT < 4 ? kNT : 4;
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        uint32_t b0, b1, s0 = 0, s1 = 0;
-        if constexpr (kBVec == 4) {
-          const float4 bv = *reinterpret_cast<const float4*>(bk + j * 32 * 4);
-          b0 = __float_as_uint(bv.x);
-          b1 = __float_as_uint(bv.y);
-          s0 = __float_as_uint(bv.z);
-          s1 = __float_as_uint(bv.w);
-        } else {
-          const float2 bv = *reinterpret_cast<const float2*>(bk + j * 32 * 2);
-          b0 = __float_as_uint(bv.x);
-          b1 = __float_as_uint(bv.y);
+      for (int j0 = 0; j0 < kNT; j0 += kGroup) {
+        uint32_t b[kGroup][4];
+#pragma unroll
+        for (int jj = 0; jj < kGroup; ++jj) {
+          if constexpr (kBVec == 4) {
+            const float4 bv = *reinterpret_cast<const float4*>(bk + (j0 + jj) * 32 * 4);
+            b[jj][0] = __float_as_uint(bv.x);
+            b[jj][1] = __float_as_uint(bv.y);
+            b[jj][2] = __float_as_uint(bv.z);
+            b[jj][3] = __float_as_uint(bv.w);
+          } else {
+            const float2 bv = *reinterpret_cast<const float2*>(bk + (j0 + jj) * 32 * 2);
+            b[jj][0] = __float_as_uint(bv.x);
+            b[jj][1] = __float_as_uint(bv.y);
+          }
+        }
+        // Small terms first: they are the least significant.
+        if constexpr (kSplit == 3) {
+#pragma unroll
+          for (int jj = 0; jj < kGroup; ++jj)
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) mma_tf32(acc[mt][j0 + jj], a_small[mt], b[jj][0], b[jj][1]);
+        }
+        if constexpr (kSplit >= 2) {
+#pragma unroll
+          for (int jj = 0; jj < kGroup; ++jj)
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) mma_tf32(acc[mt][j0 + jj], a_big[mt], b[jj][2], b[jj][3]);
         }
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          // Small terms first: they are the least significant.
-          if constexpr (kSplit == 3) mma_tf32(acc[mt][j], a_small[mt], b0, b1);
-          if constexpr (kSplit >= 2) mma_tf32(acc[mt][j], a_big[mt], s0, s1);
-          mma_tf32(acc[mt][j], a_big[mt], b0, b1);
-        }
+        for (int jj = 0; jj < kGroup; ++jj)
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) mma_tf32(acc[mt][j0 + jj], a_big[mt], b[jj][0], b[jj][1]);
       }
     }
 
+    if (next < s.tiles) stager.finish(s, walk, tile_coord(s, next), plane_pad, next_patch);
+
+    // acc[q >> 1][j][(q & 1) * 2 + p] holds pixel column g + 8q, channel 8j + 2t + p.
     const TileCoord tc = tile_coord(s, tile);
-    const int64_t oh = tc.oh0 + warp;
+    const int oh = tc.oh0 + warp;
     const bool row_ok = oh < s.h_out;
     bool col_ok[4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) col_ok[q] = tc.ow0 + g + 8 * q < s.w_out;
+    for (int q = 0; q < 4; ++q) col_ok[q] = row_ok && tc.ow0 + g + 8 * q < s.w_out;
 
     if constexpr (kStats) {
-      // Two passes over the tile held in registers: the tile mean, then the sum of
-      // squares about it; tiles then merge with Chan's formula (no cancellation).
-      const int64_t rows = s.h_out - tc.oh0 < kTileH ? s.h_out - tc.oh0 : kTileH;
-      const int64_t cols = s.w_out - tc.ow0 < kTileW ? s.w_out - tc.ow0 : kTileW;
-      const float count = static_cast<float>(rows * cols);
+      float k = 0.f;
 #pragma unroll
-      for (int pass = 0; pass < 2; ++pass) {
+      for (int q = 0; q < 4; ++q) k += col_ok[q] ? 1.f : 0.f;
+      if (k > 0.f) {
+        const float inv_k = 1.f / k;
+        const float n_new = st_n + k;
+        const float frac = k / n_new, cross = st_n * frac;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+          for (int p = 0; p < 2; ++p) {
+            float sum = 0.f;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) sum += col_ok[q] ? acc[q >> 1][j][(q & 1) * 2 + p] : 0.f;
+            const float m = sum * inv_k;
+            float m2 = 0.f;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const float dv = acc[q >> 1][j][(q & 1) * 2 + p] - m;
+              m2 += col_ok[q] ? dv * dv : 0.f;
+            }
+            const float delta = m - st_mean[j][p];
+            st_mean[j][p] += delta * frac;
+            st_m2[j][p] += m2 + delta * delta * cross;
+          }
+        }
+        st_n = n_new;
+      }
+    } else if (row_ok) {
+      if (s.channels_last) {
+        T* o = out + ((tc.n * s.h_out + oh) * s.w_out + tc.ow0 + g) * s.c_out;
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
 #pragma unroll
           for (int p = 0; p < 2; ++p) {
             const int c = j * 8 + 2 * t + p;
-            const float centre = pass == 0 ? 0.f : tile_mean[c];
-            float sum = 0.f;
+            if (c_base + c >= s.c_out) continue;
+            const float a = coef_a[c], d = coef_d[c];
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {  // q = 2*mt + r: pixel column g + 8q
-              const float v = acc[q >> 1][j][(q & 1) * 2 + p] - centre;
-              if (row_ok && col_ok[q]) sum += pass == 0 ? v : v * v;
+            for (int q = 0; q < 4; ++q) {
+              if (col_ok[q]) {
+                o[static_cast<int64_t>(8 * q) * s.c_out + c_base + c] =
+                    from_float<T>(fmaf(a, acc[q >> 1][j][(q & 1) * 2 + p], d));
+              }
             }
-            sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 8);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 16);
-            if (g == 0) red[warp * kBN + c] = sum;
           }
         }
-        __syncthreads();
-        if (threadIdx.x < kBN) {
-          float total = 0.f;
+      } else {
+        const int64_t plane = static_cast<int64_t>(s.h_out) * s.w_out;
+        T* o = out + tc.n * s.c_out * plane + static_cast<int64_t>(oh) * s.w_out + tc.ow0 + g;
 #pragma unroll
-          for (int wq = 0; wq < kWarps; ++wq) total += red[wq * kBN + threadIdx.x];
-          if (pass == 0) {
-            tile_mean[threadIdx.x] = total / count;
-          } else {
-            chan_merge(run_n, run_mean, run_m2, count, tile_mean[threadIdx.x], total);
-          }
-        }
-        __syncthreads();
-      }
-    } else {
+        for (int j = 0; j < kNT; ++j) {
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {
+          for (int p = 0; p < 2; ++p) {
+            const int c = j * 8 + 2 * t + p;
+            if (c_base + c >= s.c_out) continue;
+            const float a = coef_a[c], d = coef_d[c];
+            T* oc = o + (c_base + c) * plane;
 #pragma unroll
-        for (int p = 0; p < 2; ++p) {
-          const int c = j * 8 + 2 * t + p;
-          const int64_t cg = c_base + c;
-          if (cg >= s.c_out || !row_ok) continue;
-          const float a = coef_a[c], d = coef_d[c];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            if (!col_ok[q]) continue;
-            const int64_t ow = tc.ow0 + g + 8 * q;
-            const int64_t idx = s.channels_last
-                                    ? ((tc.n * s.h_out + oh) * s.w_out + ow) * s.c_out + cg
-                                    : ((tc.n * s.c_out + cg) * s.h_out + oh) * s.w_out + ow;
-            const float v = fmaf(a, acc[q >> 1][j][(q & 1) * 2 + p], d);
-            if constexpr (sizeof(T) == 4) {
-              __stcs(reinterpret_cast<float*>(out) + idx, v);  // streamed: never re-read here
-            } else {
-              out[idx] = from_float<T>(v);
+            for (int q = 0; q < 4; ++q) {
+              if (col_ok[q]) {
+                const float v = fmaf(a, acc[q >> 1][j][(q & 1) * 2 + p], d);
+                if constexpr (sizeof(T) == 4) {
+                  __stcs(reinterpret_cast<float*>(oc) + 8 * q, v);  // streamed: never re-read
+                } else {
+                  oc[8 * q] = from_float<T>(v);
+                }
+              }
             }
           }
         }
@@ -381,13 +507,49 @@ __global__ void __launch_bounds__(kThreads)
   cp_async_wait<0>();
 
   if constexpr (kStats) {
+    // Merge the slots across the 8 lanes (g) that share t, then across warps.
+#pragma unroll
+    for (int offset = 4; offset < 32; offset <<= 1) {
+      const float nb = __shfl_xor_sync(0xffffffffu, st_n, offset);
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          float n = st_n;
+          const float mb = __shfl_xor_sync(0xffffffffu, st_mean[j][p], offset);
+          const float m2b = __shfl_xor_sync(0xffffffffu, st_m2[j][p], offset);
+          chan_merge(n, st_mean[j][p], st_m2[j][p], nb, mb, m2b);
+        }
+      }
+      st_n += nb;
+    }
+    float* stat_n = smem + lay.stat_n;
+    float* stat_mean = smem + lay.stat_mean;
+    float* stat_m2 = smem + lay.stat_m2;
+    if (g == 0) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          stat_mean[warp * kBN + j * 8 + 2 * t + p] = st_mean[j][p];
+          stat_m2[warp * kBN + j * 8 + 2 * t + p] = st_m2[j][p];
+        }
+      }
+      if (t == 0) stat_n[warp] = st_n;
+    }
+    __syncthreads();
     if (threadIdx.x < kBN) {
-      float* dst =
-          partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kBN +
-                      threadIdx.x) * 3;
-      dst[0] = run_n;
-      dst[1] = run_mean;
-      dst[2] = run_m2;
+      float n = 0.f, mean = 0.f, m2 = 0.f;
+#pragma unroll
+      for (int wq = 0; wq < kWarps; ++wq) {
+        chan_merge(n, mean, m2, stat_n[wq], stat_mean[wq * kBN + threadIdx.x],
+                   stat_m2[wq * kBN + threadIdx.x]);
+      }
+      float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kBN +
+                               threadIdx.x) * 3;
+      dst[0] = n;
+      dst[1] = mean;
+      dst[2] = m2;
     }
   }
 }
