@@ -49,8 +49,8 @@ def _demo(args) -> int:
     x = kb.get_inputs()[0].to(device)
     if device.type == "cpu" and not args.full:
         x = x[:8]  # a CPU conv of the full batch takes seconds; --full runs it anyway
-    print(f"fused_conv demo on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"input {tuple(x.shape)}, {x.dtype}")  # fmt: skip
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"fused_conv demo on {device} ({name}), input {tuple(x.shape)}, {x.dtype}")
     ok = True
     iters = args.iters or (20 if device.type == "cuda" else 3)
     for mode in ("train", "eval"):
@@ -60,9 +60,9 @@ def _demo(args) -> int:
             ref, out = model(x), fused(x)
             diff = (out - ref).abs().max().item()
             close = torch.allclose(out, ref, atol=1e-4, rtol=1e-4) and bool(out.isfinite().all())
-            stats_close = torch.allclose(fused.bn.running_mean, model.bn.running_mean, atol=1e-5) and (
-                torch.allclose(fused.bn.running_var, model.bn.running_var, atol=1e-5)
-            )
+            stats_close = torch.allclose(
+                fused.bn.running_mean, model.bn.running_mean, atol=1e-5
+            ) and (torch.allclose(fused.bn.running_var, model.bn.running_var, atol=1e-5))
             t_ref = _time_ms(lambda: model(x), device, iters)
             t_fused = _time_ms(lambda: fused(x), device, iters)
         ok &= close and stats_close

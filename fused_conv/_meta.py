@@ -23,9 +23,7 @@ def _conv_output(input, weight, stride, padding, dilation) -> Tensor:
     c_out, _, kh, kw = weight.shape
     h_out = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
     w_out = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
-    return input.new_empty(
-        (n, c_out, h_out, w_out), memory_format=suggest_memory_format(input)
-    )
+    return input.new_empty((n, c_out, h_out, w_out), memory_format=suggest_memory_format(input))
 
 
 @torch.library.register_fake("fused_conv::conv_bn_eval")

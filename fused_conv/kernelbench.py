@@ -21,7 +21,7 @@ scaling_factor = 2.0
 
 
 class Model(nn.Module):
-    """Simple model that performs a convolution, applies Batch Normalization, and scales the output."""
+    """Performs a convolution, applies Batch Normalization, and scales the output."""
 
     def __init__(self, in_channels, out_channels, kernel_size, scaling_factor):
         super().__init__()

@@ -43,7 +43,9 @@ class ConvBNScale2d(nn.Module):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, **factory,
         )  # fmt: skip
-        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **factory)
+        self.bn = nn.BatchNorm2d(
+            out_channels, eps, momentum, affine, track_running_stats, **factory
+        )
         if learnable_scale:
             self.scaling_factor = nn.Parameter(torch.tensor(float(scaling_factor), **factory))
         else:
@@ -91,4 +93,8 @@ class ConvBNScale2d(nn.Module):
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"scaling_factor={self.scaling_factor}" if isinstance(self.scaling_factor, float) else ""
+        return (
+            f"scaling_factor={self.scaling_factor}"
+            if isinstance(self.scaling_factor, float)
+            else ""
+        )

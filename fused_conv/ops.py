@@ -28,7 +28,9 @@ def _pair(value: IntOrPair, name: str) -> list[int]:
         return [value, value]
     items = list(value) if isinstance(value, Sequence) else None
     if items is None or len(items) != 2 or not all(isinstance(v, int) for v in items):
-        raise ValueError(f"fused_conv: expected {name} to be an int or a pair of ints, got {value!r}")
+        raise ValueError(
+            f"fused_conv: expected {name} to be an int or a pair of ints, got {value!r}"
+        )
     return items
 
 
@@ -58,7 +60,9 @@ def _resolve_padding(
     if padding == "valid":
         return input, [0, 0]
     if padding != "same":
-        raise ValueError(f"fused_conv: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        raise ValueError(
+            f"fused_conv: padding must be an int, a pair, 'same' or 'valid', got {padding!r}"
+        )
     if stride != [1, 1]:
         raise ValueError("fused_conv: padding='same' is not supported for strided convolutions")
     if weight.dim() != 4:
@@ -66,9 +70,9 @@ def _resolve_padding(
             f"fused_conv: expected a 4-D weight (C_out, C_in/groups, kh, kw), got shape "
             f"{tuple(weight.shape)}"
         )
-    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=False)]
     before = [t // 2 for t in total]
-    extra = [t - 2 * b for t, b in zip(total, before)]
+    extra = [t - 2 * b for t, b in zip(total, before, strict=True)]
     if any(extra):
         if input.dim() != 4:
             raise ValueError(
