@@ -80,14 +80,29 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// Two adjacent output elements (the pointer is aligned to the pair).
+__device__ __forceinline__ void store_pair(float* dst, float v0, float v1) {
+  __stcs(reinterpret_cast<float2*>(dst), make_float2(v0, v1));
+}
+__device__ __forceinline__ void store_pair(__half* dst, float v0, float v1) {
+  *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(v0, v1);
+}
+__device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float v0, float v1) {
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
+}
+
 // Shared-memory layout, in floats; identical on host (size) and device (carving).
 template <int kNT, int kSplit>
 struct SmemLayout {
   static constexpr int kBN = 8 * kNT;
   static constexpr int kBVec = kSplit >= 2 ? 4 : 2;  // {b0,b1[,b0_small,b1_small]} per lane
+  // Patch buffers in the ring: float32 patches (3xTF32) are copied kStages-1 tiles
+  // ahead by cp.async, enough to cover load latency under the output's write
+  // traffic; fp16/bf16 patches are staged through registers one tile ahead.
+  static constexpr int kStages = kSplit == 3 ? 4 : 2;
   int b_frag, k_off, coef_a, coef_d, stat_n, stat_mean, stat_m2, in_tile;
   int plane_stride;  // words between channel planes of the patch: = 8 (mod 32)
-  int tile_stride;   // words between the two patch buffers
+  int tile_stride;   // words between the patch buffers of the ring
   int total;
   __host__ __device__ SmemLayout(const ConvShape& s) {
     b_frag = 0;
@@ -101,7 +116,7 @@ struct SmemLayout {
     const int plane = s.in_tile_h * s.in_tile_w;
     plane_stride = plane + ((8 - plane) % 32 + 32) % 32;
     tile_stride = (s.c_in * plane_stride + 3) & ~3;
-    total = in_tile + 2 * tile_stride;
+    total = in_tile + kStages * tile_stride;
   }
 };
 
@@ -119,55 +134,61 @@ __device__ __forceinline__ TileCoord tile_coord(const ConvShape& s, int64_t tile
   return c;
 }
 
-// Walks this thread's elements of the staged patch, i = threadIdx.x + kThreads*m
-// in shared-memory order [ci][ih][iw], by carries instead of divisions (the
-// patch geometry is the same for every tile, so the start and step are computed
-// once per block).
+// Walks this thread's elements of the staged patch, i = threadIdx.x + kThreads*m,
+// in the order of the input's memory so that a warp reads contiguous addresses:
+// (ci, ih, iw) for NCHW, (ih, iw, ci) for NHWC. Three counters (outer, mid, inner)
+// advance by carries instead of divisions; the patch geometry is the same for
+// every tile, so the start and the step are computed once per block.
 struct PatchWalk {
-  int ci, ih, iw;  // start
-  int dc, dh, dw;  // step of kThreads elements
+  int e1, e2;                     // extents of mid and inner
+  int outer, mid, inner;          // start
+  int d_outer, d_mid, d_inner;    // step of kThreads elements
   __device__ PatchWalk(const ConvShape& s) {
-    const int plane = s.in_tile_h * s.in_tile_w;
-    ci = threadIdx.x / plane;
-    ih = (threadIdx.x % plane) / s.in_tile_w;
-    iw = threadIdx.x % s.in_tile_w;
-    dc = kThreads / plane;
-    dh = (kThreads % plane) / s.in_tile_w;
-    dw = kThreads % s.in_tile_w;
+    e1 = s.channels_last ? s.in_tile_w : s.in_tile_h;
+    e2 = s.channels_last ? s.c_in : s.in_tile_w;
+    outer = threadIdx.x / (e1 * e2);
+    mid = (threadIdx.x / e2) % e1;
+    inner = threadIdx.x % e2;
+    d_outer = kThreads / (e1 * e2);
+    d_mid = (kThreads / e2) % e1;
+    d_inner = kThreads % e2;
   }
 };
 
 // Visits this thread's patch elements: fn(m, dst, src, inside) with m the
-// element's ordinal for this thread, dst its shared-memory index (channel planes
-// padded by plane_pad words), src its offset in the image and inside = false for
-// padding.
+// element's ordinal for this thread, dst its shared-memory index ([ci][ih][iw],
+// channel planes plane_stride words apart), src its offset in the image and
+// inside = false for padding.
 template <typename Fn>
 __device__ __forceinline__ void for_each_patch_element(const ConvShape& s, const PatchWalk& walk,
-                                                       const TileCoord& tc, int plane_pad,
+                                                       const TileCoord& tc, int plane_stride,
                                                        Fn&& fn) {
   const int gh0 = tc.oh0 * s.stride_h - s.pad_h;
   const int gw0 = tc.ow0 * s.stride_w - s.pad_w;
   const int elems = s.c_in * s.in_tile_h * s.in_tile_w;
-  int ci = walk.ci, ih = walk.ih, iw = walk.iw;
+  int outer = walk.outer, mid = walk.mid, inner = walk.inner;
   int m = 0;
   for (int i = threadIdx.x; i < elems; i += kThreads, ++m) {
+    const int ci = s.channels_last ? inner : outer;
+    const int ih = s.channels_last ? outer : mid;
+    const int iw = s.channels_last ? mid : inner;
     const int gh = gh0 + ih, gw = gw0 + iw;
     const bool inside = static_cast<unsigned>(gh) < static_cast<unsigned>(s.h) &&
                         static_cast<unsigned>(gw) < static_cast<unsigned>(s.w);
     const int src = !inside ? 0
                     : s.channels_last ? (gh * s.w + gw) * s.c_in + ci
                                       : (ci * s.h + gh) * s.w + gw;
-    fn(m, i + ci * plane_pad, src, inside);
-    iw += walk.dw;
-    ih += walk.dh;
-    ci += walk.dc;
-    if (iw >= s.in_tile_w) {
-      iw -= s.in_tile_w;
-      ++ih;
+    fn(m, ci * plane_stride + ih * s.in_tile_w + iw, src, inside);
+    inner += walk.d_inner;
+    mid += walk.d_mid;
+    outer += walk.d_outer;
+    if (inner >= walk.e2) {
+      inner -= walk.e2;
+      ++mid;
     }
-    if (ih >= s.in_tile_h) {
-      ih -= s.in_tile_h;
-      ++ci;
+    if (mid >= walk.e1) {
+      mid -= walk.e1;
+      ++outer;
     }
   }
 }
@@ -183,9 +204,9 @@ struct PatchStager {
 
   __device__ __forceinline__ void issue(const T* __restrict__ x, const ConvShape& s,
                                         const PatchWalk& walk, const TileCoord& tc,
-                                        int plane_pad, float* dst) {
+                                        int plane_stride, float* dst) {
     const T* img = x + tc.n * s.c_in * s.h * s.w;
-    for_each_patch_element(s, walk, tc, plane_pad, [&](int m, int d, int src, bool inside) {
+    for_each_patch_element(s, walk, tc, plane_stride, [&](int m, int d, int src, bool inside) {
       if constexpr (sizeof(T) == 4) {
         cp_async_f32(dst + d, reinterpret_cast<const float*>(img + src), inside);
       } else {
@@ -203,9 +224,9 @@ struct PatchStager {
   // Completes the staging issued for the buffer `dst` (a no-op for float, whose
   // copies complete through cp.async.wait_group).
   __device__ __forceinline__ void finish(const ConvShape& s, const PatchWalk& walk,
-                                         const TileCoord& tc, int plane_pad, float* dst) {
+                                         const TileCoord& tc, int plane_stride, float* dst) {
     if constexpr (sizeof(T) != 4) {
-      for_each_patch_element(s, walk, tc, plane_pad, [&](int m, int d, int, bool) {
+      for_each_patch_element(s, walk, tc, plane_stride, [&](int m, int d, int, bool) {
         if (m < kRegs) dst[d] = to_float(regs[m]);
       });
     }
@@ -229,7 +250,7 @@ __device__ __forceinline__ void chan_merge(F& n, F& mean, F& m2, F nb, F mean_b,
 // kStats = false: writes out = a[c]*conv(x) + d[c].
 // kSplit: 3 = 3xTF32 (float32-accurate), 1 = one TF32 MMA (exact for fp16/bf16).
 template <typename T, int kNT, int kSplit, bool kStats>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, (kStats || kSplit == 3) ? 3 : 4)
     conv_tile_kernel(const T* __restrict__ x, const T* __restrict__ w, ConvShape s, BnFold f,
                      T* __restrict__ out, float* __restrict__ partials) {
   using L = SmemLayout<kNT, kSplit>;
@@ -320,27 +341,35 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   const PatchWalk walk(s);
-  const int plane_pad = lay.plane_stride - s.in_tile_h * s.in_tile_w;
   PatchStager<T> stager;
-  int64_t tile = blockIdx.x;
-  if (tile < s.tiles) {
-    const TileCoord first = tile_coord(s, tile);
-    stager.issue(x, s, walk, first, plane_pad, patches);
-    stager.finish(s, walk, first, plane_pad, patches);
+  constexpr int kStages = L::kStages;
+  const int64_t first = blockIdx.x;
+  // Prologue: the first kStages-1 tiles (one commit group each, possibly empty).
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    const int64_t tl = first + st * static_cast<int64_t>(gridDim.x);
+    float* buf = patches + st * lay.tile_stride;
+    if (tl < s.tiles) {
+      stager.issue(x, s, walk, tile_coord(s, tl), lay.plane_stride, buf);
+      stager.finish(s, walk, tile_coord(s, tl), lay.plane_stride, buf);
+    } else {
+      cp_async_commit();
+    }
   }
 
+  int64_t tile = first;
   for (int it = 0; tile < s.tiles; ++it, tile += gridDim.x) {
-    const int64_t next = tile + gridDim.x;
-    float* next_patch = patches + ((it + 1) & 1) * lay.tile_stride;
+    const int64_t next = tile + (kStages - 1) * static_cast<int64_t>(gridDim.x);
+    float* next_patch = patches + ((it + kStages - 1) % kStages) * lay.tile_stride;
     if (next < s.tiles) {
-      stager.issue(x, s, walk, tile_coord(s, next), plane_pad, next_patch);
+      stager.issue(x, s, walk, tile_coord(s, next), lay.plane_stride, next_patch);
     } else {
       cp_async_commit();  // keep one group per iteration for the wait below
     }
-    cp_async_wait<1>();  // this tile's copies have landed (the next tile's may be in flight)
+    cp_async_wait<kStages - 1>();  // this tile's copies have landed; later ones may fly
     __syncthreads();
 
-    const float* patch = patches + (it & 1) * lay.tile_stride;
+    const float* patch = patches + (it % kStages) * lay.tile_stride;
     float acc[2][kNT][4];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
@@ -418,7 +447,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-    if (next < s.tiles) stager.finish(s, walk, tile_coord(s, next), plane_pad, next_patch);
+    if (next < s.tiles) stager.finish(s, walk, tile_coord(s, next), lay.plane_stride, next_patch);
 
     // acc[q >> 1][j][(q & 1) * 2 + p] holds pixel column g + 8q, channel 8j + 2t + p.
     const TileCoord tc = tile_coord(s, tile);
@@ -459,20 +488,26 @@ __global__ void __launch_bounds__(kThreads)
       }
     } else if (row_ok) {
       if (s.channels_last) {
-        T* o = out + ((tc.n * s.h_out + oh) * s.w_out + tc.ow0 + g) * s.c_out;
+        // A pixel's channels are contiguous: channels 2t and 2t+1 go out as one
+        // 8-byte (fp32) or 4-byte (fp16/bf16) store when C_out is even (aligned).
+        T* o = out + ((tc.n * s.h_out + oh) * s.w_out + tc.ow0 + g) * s.c_out + c_base;
+        const bool paired = (s.c_out & 1) == 0;
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
+          const int c = j * 8 + 2 * t;
+          if (c_base + c >= s.c_out) continue;
+          const float a0 = coef_a[c], d0 = coef_d[c], a1 = coef_a[c + 1], d1 = coef_d[c + 1];
 #pragma unroll
-          for (int p = 0; p < 2; ++p) {
-            const int c = j * 8 + 2 * t + p;
-            if (c_base + c >= s.c_out) continue;
-            const float a = coef_a[c], d = coef_d[c];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              if (col_ok[q]) {
-                o[static_cast<int64_t>(8 * q) * s.c_out + c_base + c] =
-                    from_float<T>(fmaf(a, acc[q >> 1][j][(q & 1) * 2 + p], d));
-              }
+          for (int q = 0; q < 4; ++q) {
+            if (!col_ok[q]) continue;
+            const float v0 = fmaf(a0, acc[q >> 1][j][(q & 1) * 2], d0);
+            const float v1 = fmaf(a1, acc[q >> 1][j][(q & 1) * 2 + 1], d1);
+            T* dst = o + static_cast<int64_t>(8 * q) * s.c_out + c;
+            if (paired) {
+              store_pair(dst, v0, v1);
+            } else {
+              dst[0] = from_float<T>(v0);
+              if (c_base + c + 1 < s.c_out) dst[1] = from_float<T>(v1);
             }
           }
         }

@@ -1,0 +1,79 @@
+// The Python module fused_conv._C. It only reports how it was built: the ops
+// are defined in op_schemas.cpp (TORCH_LIBRARY) and the device kernels register
+// themselves with TORCH_LIBRARY_IMPL static initialisers, which run when Python
+// loads this shared library (fused_conv/_loader.py imports it).
+//
+// setup.py passes the build facts as string macros (FUSED_CONV_VERSION,
+// FUSED_CONV_TORCH_VERSION, and for CUDA builds FUSED_CONV_CUDA_VERSION,
+// FUSED_CONV_ARCH_LIST, FUSED_CONV_NVCC_VERSION) and defines
+// FUSED_CONV_WITH_CUDA for CUDA builds.
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
+
+#include <string>
+
+#ifndef FUSED_CONV_VERSION
+#define FUSED_CONV_VERSION "unknown"
+#endif
+#ifndef FUSED_CONV_TORCH_VERSION
+#define FUSED_CONV_TORCH_VERSION TORCH_VERSION
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+std::string compiler() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("gcc ") + __VERSION__;
+#elif defined(_MSC_VER)
+  return "msvc " + std::to_string(_MSC_VER);
+#else
+  return "unknown";
+#endif
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = FUSED_CONV_VERSION;
+  info["torch_version"] = FUSED_CONV_TORCH_VERSION;
+#ifdef FUSED_CONV_WITH_CUDA
+  info["with_cuda"] = true;
+#ifdef FUSED_CONV_CUDA_VERSION
+  info["cuda_version"] = FUSED_CONV_CUDA_VERSION;
+#else
+  info["cuda_version"] = py::none();
+#endif
+#ifdef FUSED_CONV_ARCH_LIST
+  info["arch_list"] = FUSED_CONV_ARCH_LIST;
+#else
+  info["arch_list"] = py::none();
+#endif
+#ifdef FUSED_CONV_NVCC_VERSION
+  info["nvcc_version"] = FUSED_CONV_NVCC_VERSION;
+#else
+  info["nvcc_version"] = py::none();
+#endif
+#else
+  info["with_cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["arch_list"] = py::none();
+  info["nvcc_version"] = py::none();
+#endif
+  info["compiler"] = compiler();
+  info["cxx_standard"] = static_cast<long>(__cplusplus);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() =
+      "fused_conv C++/CUDA extension: registers the torch.ops.fused_conv.* "
+      "operators and their kernels on import.";
+  m.def("build_info", &build_info,
+        "How this extension was built: version, torch_version, cuda_version, "
+        "arch_list, with_cuda, nvcc_version, compiler, cxx_standard.");
+}
