@@ -23,7 +23,12 @@ def _conv_output(input, weight, stride, padding, dilation) -> Tensor:
     c_out, _, kh, kw = weight.shape
     h_out = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
     w_out = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
-    return input.new_empty((n, c_out, h_out, w_out), memory_format=suggest_memory_format(input))
+    return _empty((n, c_out, h_out, w_out), input, input.dtype, suggest_memory_format(input))
+
+
+def _empty(shape, like: Tensor, dtype, memory_format=torch.contiguous_format) -> Tensor:
+    # Tensor.new_empty takes no memory_format.
+    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=memory_format)
 
 
 @torch.library.register_fake("fused_conv::conv_bn_eval")
@@ -60,12 +65,12 @@ def _conv_bn_backward_fake(
     sdt = stats_dtype(input)
     c_out = weight.shape[0]
     grad_input = (
-        input.new_empty(input.shape, memory_format=suggest_memory_format(input))
+        _empty(input.shape, input, input.dtype, suggest_memory_format(input))
         if input_weight_mask[0]
         else input.new_empty((0,))
     )
     grad_weight = (
-        weight.new_empty(weight.shape, memory_format=torch.contiguous_format)
+        _empty(weight.shape, weight, weight.dtype)
         if input_weight_mask[1]
         else weight.new_empty((0,))
     )
