@@ -32,6 +32,18 @@ requires_huge = pytest.mark.skipif(
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _float32_convolutions_are_float32():
+    """The fused tile kernels are float32-accurate (3xTF32) whatever the flags say; the
+    ATen fallback (and eager PyTorch) follow torch.backends.cudnn.allow_tf32, which
+    defaults to True. The tests check float32 accuracy everywhere, so TF32 is off."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 # (device, dtype) pairs: float32/float64 everywhere, float16/bfloat16 on CUDA only.
 DEVICE_DTYPES = [
     pytest.param("cpu", torch.float32, id="cpu-float32"),
