@@ -18,6 +18,12 @@ std::string dtype_name(at::ScalarType dtype) {
       return "float16";
     case at::kBFloat16:
       return "bfloat16";
+    case at::kInt:
+      return "int32";
+    case at::kLong:
+      return "int64";
+    case at::kBool:
+      return "bool";
     default:
       return c10::toString(dtype);
   }
@@ -66,7 +72,8 @@ void check_input_dtype(const at::Tensor& input, const at::Tensor& t, const char*
 // PyTorch's own batch_norm allow).
 void check_bn_dtype(const at::Tensor& input, const at::Tensor& t, const char* name) {
   const auto dtype = input.scalar_type();
-  const bool ok = t.scalar_type() == dtype || (is_reduced_float(dtype) && t.scalar_type() == at::kFloat);
+  const bool ok =
+      t.scalar_type() == dtype || (is_reduced_float(dtype) && t.scalar_type() == at::kFloat);
   TORCH_CHECK(ok, "fused_conv: expected ", name, " of dtype ", dtype_name(dtype),
               is_reduced_float(dtype) ? " (the input's) or float32" : " (the input's)",
               ", but got ", dtype_name(t.scalar_type()));
@@ -244,12 +251,13 @@ void check_update_running_stats_args(const at::Tensor& running_mean,
   const int64_t channels = mean.size(0);
   const auto stats_dtype = mean.scalar_type();
   TORCH_CHECK(stats_dtype == at::kFloat || stats_dtype == at::kDouble,
-              "fused_conv: expected mean of dtype float32 or float64 (a statistics dtype), but got ",
-              dtype_name(stats_dtype));
+              "fused_conv: expected mean of dtype float32 or float64 (a statistics dtype), ",
+              "but got ", dtype_name(stats_dtype));
   TORCH_CHECK(invstd.scalar_type() == stats_dtype, "fused_conv: expected invstd of dtype ",
               dtype_name(stats_dtype), " (mean's), but got ", dtype_name(invstd.scalar_type()));
-  for (const auto& [t, name] : {std::pair{&invstd, "invstd"}, std::pair{&running_mean, "running_mean"},
-                                std::pair{&running_var, "running_var"}}) {
+  for (const auto& [t, name] :
+       {std::pair{&invstd, "invstd"}, std::pair{&running_mean, "running_mean"},
+        std::pair{&running_var, "running_var"}}) {
     check_per_channel(mean, *t, name, channels, "mean");
   }
   for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"},
@@ -267,8 +275,8 @@ void check_update_running_stats_args(const at::Tensor& running_mean,
               "fused_conv: expected num_batches_tracked when momentum is None (the cumulative ",
               "moving average divides by it), but got None");
   TORCH_CHECK(num_batches_tracked->numel() == 1,
-              "fused_conv: expected num_batches_tracked to hold exactly one element, but got shape ",
-              num_batches_tracked->sizes());
+              "fused_conv: expected num_batches_tracked to hold exactly one element, but got ",
+              "shape ", num_batches_tracked->sizes());
   check_same_device(mean, *num_batches_tracked, "num_batches_tracked", "mean");
 }
 
