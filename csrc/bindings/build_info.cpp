@@ -10,6 +10,12 @@
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
+#ifdef FUSED_CONV_WITH_CUDA
+#include <torch/extension.h>
+
+#include "kernels/cuda/conv_bn_forward.h"
+#endif
+
 #include <string>
 
 #ifndef FUSED_CONV_VERSION
@@ -76,4 +82,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info,
         "How this extension was built: version, torch_version, cuda_version, "
         "arch_list, with_cuda, nvcc_version, compiler, cxx_standard.");
+#ifdef FUSED_CONV_WITH_CUDA
+  m.def("cuda_tile_kernel_supports", &fused_conv::cuda::tile_kernel_supports,
+        "Whether the CUDA forwards take the tensor-core tile kernel for this configuration "
+        "(else the ATen fallback); arguments as the ops': input, weight, stride, padding, "
+        "dilation, groups.");
+#endif
 }

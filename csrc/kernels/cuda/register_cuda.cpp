@@ -1,10 +1,11 @@
 // CUDA kernels of the fused_conv ops (schemas: csrc/bindings/op_schemas.cpp).
 //
-// BASELINE: every op runs the device-generic ATen implementation
-// (kernels/common/conv_bn_aten.h: cuDNN convolution + ATen reductions and
-// elementwise ops). The lead's fast kernels (csrc/kernels/cuda/*.cu) replace
-// the forward ops here, keeping these functions as the fallback outside the
-// fast kernels' reach.
+// Forwards: the tensor-core tile kernel (conv_bn_forward.h) where it covers
+// the configuration (tile_kernel_supports: docs/DESIGN.md, "Dispatch"), else
+// the device-generic ATen path (kernels/common/conv_bn_aten.h: fold + cuDNN
+// for eval, cuDNN conv + ATen reductions for training).
+// Running-statistics update: one CUDA launch (running_stats_update.cu).
+// Backward: the ATen path (recompute the conv, cuDNN conv backward).
 //
 // The guard makes the input's device current, so ATen allocates on it and
 // launches on its current stream (the tensors are all on that device: the
@@ -13,6 +14,9 @@
 #include <torch/library.h>
 
 #include "kernels/common/conv_bn_aten.h"
+#include "kernels/common/conv_bn_checks.h"
+#include "kernels/cuda/conv_bn_forward.h"
+#include "kernels/cuda/running_stats_update.h"
 
 namespace fused_conv::cuda {
 namespace {
@@ -35,6 +39,12 @@ at::Tensor conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                         int64_t groups) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  check_eval_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                  scale_tensor, {stride, padding, dilation, groups});
+  if (tile_kernel_supports(input, weight, stride, padding, dilation, groups)) {
+    return tile_conv_bn_eval(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                             eps, scale_tensor, scale, stride, padding, dilation);
+  }
   return aten_impl::conv_bn_eval(input, weight, bias, bn_weight, bn_bias, running_mean,
                                  running_var, eps, scale_tensor, scale, stride, padding, dilation,
                                  groups);
@@ -46,6 +56,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     double eps, const std::optional<at::Tensor>& scale_tensor, double scale,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  check_train_args(input, weight, bias, bn_weight, bn_bias, eps, scale_tensor,
+                   {stride, padding, dilation, groups});
+  if (tile_kernel_supports(input, weight, stride, padding, dilation, groups)) {
+    return tile_conv_bn_train(input, weight, bias, bn_weight, bn_bias, eps, scale_tensor, scale,
+                              stride, padding, dilation);
+  }
   return aten_impl::conv_bn_train(input, weight, bias, bn_weight, bn_bias, eps, scale_tensor,
                                   scale, stride, padding, dilation, groups);
 }
@@ -56,8 +72,8 @@ void update_running_stats_(const at::Tensor& running_mean, const at::Tensor& run
                            std::optional<double> momentum, double eps, int64_t count) {
   // No input here: the batch statistics name the device.
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(mean));
-  aten_impl::update_running_stats_(running_mean, running_var, mean, invstd, num_batches_tracked,
-                                   momentum, eps, count);
+  update_running_stats_cuda(running_mean, running_var, mean, invstd, num_batches_tracked,
+                            momentum, eps, count);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
