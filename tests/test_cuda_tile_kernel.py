@@ -34,7 +34,7 @@ def make(n, c_in, h, w, c_out, k, *, dtype=torch.float32, channels_last=False, s
         x = x.to(memory_format=torch.channels_last)
     weight = torch.randn(c_out, c_in, k, k, device=CUDA, generator=g) / (c_in * k * k) ** 0.5
     params = {
-        "bias": torch.randn(c_out, device=CUDA, generator=g) if bias else None,
+        "bias": torch.randn(c_out, device=CUDA, generator=g).to(dtype) if bias else None,
         "bn_weight": torch.rand(c_out, device=CUDA, generator=g) + 0.5 if affine else None,
         "bn_bias": torch.randn(c_out, device=CUDA, generator=g) if affine else None,
         "running_mean": torch.randn(c_out, device=CUDA, generator=g),
