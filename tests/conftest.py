@@ -66,7 +66,7 @@ NORM_TOLERANCES = {
     torch.float64: 1e-12,
     torch.float32: 1e-5,
     torch.float16: 5e-3,
-    torch.bfloat16: 2e-2,
+    torch.bfloat16: 4e-2,  # sums over many bf16-rounded terms (e.g. the BN weight gradient)
 }
 
 

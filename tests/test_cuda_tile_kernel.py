@@ -163,9 +163,16 @@ def test_training_statistics_are_bitwise_reproducible():
 
 
 def test_large_offset_input_keeps_variance_accurate():
-    # mean >> std: a naive E[y^2] - E[y]^2 would cancel catastrophically here.
+    # mean >> std: a naive fp32 E[y^2] - E[y]^2 would lose the variance to cancellation
+    # (relative error ~ (mean/std)^2 * 1e-7 ~ 0.1 here). The output itself is only as
+    # accurate as fp32 allows for values of size |mean| (~1e-7 * 1000 / std).
     x, weight, p = make(4, 8, 40, 40, 32, 3, offset=1000.0)
-    check(x, weight, p, training=True, dtype=torch.float32)
+    out, mean, invstd = run(x, weight, p, training=True)
+    ref, ref_mean, ref_var = reference(x, weight, p, training=True, scale=2.0, stride=1,
+                                       padding=0, dilation=1)  # fmt: skip
+    torch.testing.assert_close(mean.double(), ref_mean, atol=0, rtol=1e-6)
+    torch.testing.assert_close(invstd.double(), 1 / torch.sqrt(ref_var + 1e-5), atol=0, rtol=1e-4)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-3
 
 
 def test_kernelbench_reference_problem_matches_model():
