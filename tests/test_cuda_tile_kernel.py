@@ -170,7 +170,7 @@ def test_large_offset_input_keeps_variance_accurate():
     out, mean, invstd = run(x, weight, p, training=True)
     ref, ref_mean, ref_var = reference(x, weight, p, training=True, scale=2.0, stride=1,
                                        padding=0, dilation=1)  # fmt: skip
-    torch.testing.assert_close(mean.double(), ref_mean, atol=0, rtol=1e-6)
+    torch.testing.assert_close(mean.double(), ref_mean, atol=0, rtol=2e-5)
     torch.testing.assert_close(invstd.double(), 1 / torch.sqrt(ref_var + 1e-5), atol=0, rtol=1e-4)
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-3
 

@@ -30,6 +30,9 @@ namespace {
 // arithmetic that each clone maps onto its registers (4 SSE2, 2 AVX2 or 1
 // AVX-512 register), always with the same per-lane operations.
 #if defined(__GNUC__)
+// The helpers taking / returning Lanes are always inlined in this file, so the
+// "64-byte vector return changes the ABI" note does not concern them.
+#pragma GCC diagnostic ignored "-Wpsabi"
 using Lanes = double __attribute__((vector_size(64)));
 using FloatLanes = float __attribute__((vector_size(32)));
 
