@@ -196,6 +196,12 @@ if WITH_CUDA:
     )
 cxx_flags = ["-O3", f"-std={CXX_STD}"] + [string_macro(k, v) for k, v in macros.items()]
 nvcc_flags = ["-O3", "-lineinfo", f"-std={CXX_STD}"]  # no fast-math: fp32 accuracy matters
+# at::parallel_for (the CPU kernels' per-channel loops) runs in parallel only in code built
+# with OpenMP, as libtorch is; at run time the extension shares torch's libgomp.
+link_flags: list[str] = []
+if sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 
 if WITH_CUDA:
     log(f"CUDA build: CUDA_HOME={CUDA_HOME_OR_REASON} (nvcc {NVCC_VERSION}), "
@@ -206,6 +212,7 @@ if WITH_CUDA:
         include_dirs=[str(ROOT / "csrc")],
         define_macros=[("FUSED_CONV_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
     extension.include_dirs += pip_cuda_include_dirs()  # after the toolkit's include dir
 else:
@@ -215,6 +222,7 @@ else:
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 

@@ -11,6 +11,10 @@ mkdir -p "$OUT"
 steps=${*:-build tests demo bench sanitize}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} FORCE_CUDA=1
 export PYTHONUNBUFFERED=1
+# Build with the system compiler when the machine's default is a wrapper that links
+# libstdc++ statically (seen on the H100 machine: /opt/gcc/bin/g++): a private libstdc++
+# copy inside _C.so crashes when a TORCH_CHECK message is formatted.
+if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 PY=${PYTHON:-python3}
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
