@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.14.1
 DEV_REQUIREMENTS := torch==$(TORCH_VERSION) numpy pytest ninja setuptools wheel build ruff \
 	cibuildwheel expecttest
 DEPS_STAMP := $(VENV)/.fused_conv-dev-requirements
-LINT_PATHS = $(wildcard fused_conv tests benchmarks) setup.py
+LINT_PATHS = $(wildcard fused_conv tests benchmarks examples) setup.py
 PIP := $(VPY) -m pip --disable-pip-version-check
 
 # Build environment (see setup.py): the CUDA toolkit when there is one, 2 compile jobs.
