@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/tf32_mma.cuh"
 
@@ -53,6 +54,26 @@ struct BnFold {
   float eps;
   const float* scale_tensor;  // one element, or null
   float scale;
+};
+
+// What one launch computes from y = conv(x) (without the conv bias).
+enum class TileMode : int {
+  kApply,      // out = a[c]*y + d[c]: the BN + scale epilogue (forward)
+  kStats,      // per-block (count, mean, M2) of y (training forward, pass 1)
+  kGradStats,  // per-block sums of g, g*(y - ctr), y - ctr (backward, pass 1)
+  kGradOut,    // out = A[c]*g + C[c]*(y - ctr) + D[c], the gradient at the conv
+               // output (training backward, pass 2)
+};
+
+// The backward's inputs beyond x and w, all per channel [C_out] in float32
+// except grad. ctr = mean - bias centres y on the saved statistics, so the
+// sums of g*(y - ctr) do not cancel; A, C, D come from finalize_grad_kernel.
+struct GradTerms {
+  const void* grad;  // grad_out, in the input's dtype and memory format
+  const float* center;
+  const float* coef_g;  // A
+  const float* coef_y;  // C
+  const float* coef_1;  // D
 };
 
 template <typename T>
@@ -91,6 +112,46 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float v0, float v
   *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
 }
 
+// Rounding of the gradient at the conv output to float16 / bfloat16, unbiased:
+// grad_out itself holds 16-bit values, so g_hat = A*g + ... takes few distinct
+// values per channel and round-to-nearest would make the same error on all
+// elements of a value; summed over N*H*W elements by the weight gradient, such
+// errors add up instead of cancelling (a bias that grows with the batch).
+// Stochastic rounding with a fixed hash of the element offset as the random
+// source makes the errors zero-mean and independent, and stays deterministic.
+__device__ __forceinline__ uint32_t mix_bits(int64_t i) {  // murmur3's 64-bit finaliser
+  uint64_t z = static_cast<uint64_t>(i) + 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 33)) * 0xFF51AFD7ED558CCDull;
+  z = (z ^ (z >> 33)) * 0xC4CEB9FE1A85EC53ull;
+  return static_cast<uint32_t>(z ^ (z >> 33));
+}
+template <typename T>
+__device__ __forceinline__ T round_unbiased(float v, int64_t i) {
+  const T near = from_float<T>(v);
+  const float nf = to_float(near);
+  const float rest = v - nf;  // |rest| <= half a unit in the last place of `near`
+  if (rest == 0.f || !isfinite(v)) return near;
+  // The neighbour of `near` on the side of v, one unit away.
+  T other;
+  if constexpr (std::is_same_v<T, __half>) {
+    const unsigned short b = __half_as_ushort(near);
+    const bool away = (rest > 0.f) == (nf >= 0.f);  // away from zero?
+    other = __ushort_as_half(nf == 0.f ? (rest > 0.f ? 0x0001 : 0x8001)
+                                       : static_cast<unsigned short>(away ? b + 1 : b - 1));
+  } else {
+    const unsigned short b = __bfloat16_as_ushort(near);
+    const bool away = (rest > 0.f) == (nf >= 0.f);
+    other = __ushort_as_bfloat16(nf == 0.f ? (rest > 0.f ? 0x0001 : 0x8001)
+                                           : static_cast<unsigned short>(away ? b + 1 : b - 1));
+  }
+  const float of = to_float(other);
+  if (!isfinite(of)) return near;
+  // Pick `other` with probability |rest| / |other - near|: E[result] = v.
+  const float p = fabsf(rest / (of - nf));
+  const float u = static_cast<float>(mix_bits(i) >> 8) * (1.f / 16777216.f);
+  return u < p ? other : near;
+}
+
 // Shared-memory layout, in floats; identical on host (size) and device (carving).
 template <int kNT, int kSplit>
 struct SmemLayout {
@@ -100,7 +161,7 @@ struct SmemLayout {
   // ahead by cp.async, enough to cover load latency under the output's write
   // traffic; fp16/bf16 patches are staged through registers one tile ahead.
   static constexpr int kStages = kSplit == 3 ? 4 : 2;
-  int b_frag, k_off, coef_a, coef_d, stat_n, stat_mean, stat_m2, in_tile;
+  int b_frag, k_off, coef_a, coef_d, coef_c, coef_e, stat_n, stat_mean, stat_m2, stat_x, in_tile;
   int plane_stride;  // words between channel planes of the patch: = 8 (mod 32)
   int tile_stride;   // words between the patch buffers of the ring
   int total;
@@ -109,10 +170,13 @@ struct SmemLayout {
     k_off = b_frag + s.k_steps * kNT * 32 * kBVec;
     coef_a = k_off + s.k_steps * 8;
     coef_d = coef_a + kBN;
-    stat_n = coef_d + kBN;
+    coef_c = coef_d + kBN;
+    coef_e = coef_c + kBN;
+    stat_n = coef_e + kBN;
     stat_mean = stat_n + kWarps;
     stat_m2 = stat_mean + kWarps * kBN;
-    in_tile = (stat_m2 + kWarps * kBN + 3) & ~3;
+    stat_x = stat_m2 + kWarps * kBN;
+    in_tile = (stat_x + kWarps * kBN + 3) & ~3;
     const int plane = s.in_tile_h * s.in_tile_w;
     plane_stride = plane + ((8 - plane) % 32 + 32) % 32;
     tile_stride = (s.c_in * plane_stride + 3) & ~3;
@@ -245,14 +309,29 @@ __device__ __forceinline__ void chan_merge(F& n, F& mean, F& m2, F nb, F mean_b,
   n = total;
 }
 
-// kStats = true : statistics pass; writes per-block (count, mean, M2) of conv(x)
-//                 (without bias) per channel to partials[grid.y][grid.x][kBN][3].
-// kStats = false: writes out = a[c]*conv(x) + d[c].
+// Grad-out loads: each element is read once per pass and the tensor is larger
+// than L2, so float32 loads stream past the cache.
+__device__ __forceinline__ float load_grad(const float* p) { return __ldcs(p); }
+__device__ __forceinline__ float load_grad(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load_grad(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+
+// kMode (TileMode):
+//   kApply    : writes out = a[c]*y + d[c] (a, d from the BnFold).
+//   kStats    : writes per-block (count, mean, M2) of y per channel to
+//               partials[grid.y][grid.x][kBN][3].
+//   kGradStats: writes per-block (sum g, sum g*(y - ctr), sum (y - ctr)) per
+//               channel to partials[grid.y][grid.x][kBN][3].
+//   kGradOut  : writes out = A[c]*g + C[c]*(y - ctr) + D[c].
 // kSplit: 3 = 3xTF32 (float32-accurate), 1 = one TF32 MMA (exact for fp16/bf16).
-template <typename T, int kNT, int kSplit, bool kStats>
-__global__ void __launch_bounds__(kThreads, (kStats || kSplit == 3) ? 3 : 4)
+template <typename T, int kNT, int kSplit, TileMode kMode>
+__global__ void __launch_bounds__(kThreads, (kMode != TileMode::kApply || kSplit == 3) ? 3 : 4)
     conv_tile_kernel(const T* __restrict__ x, const T* __restrict__ w, ConvShape s, BnFold f,
-                     T* __restrict__ out, float* __restrict__ partials) {
+                     GradTerms gt, T* __restrict__ out, float* __restrict__ partials) {
+  constexpr bool kStats = kMode == TileMode::kStats;
+  constexpr bool kGradStats = kMode == TileMode::kGradStats;
+  constexpr bool kGradOut = kMode == TileMode::kGradOut;
   using L = SmemLayout<kNT, kSplit>;
   constexpr int kBN = L::kBN;
   constexpr int kBVec = L::kBVec;
@@ -262,6 +341,8 @@ __global__ void __launch_bounds__(kThreads, (kStats || kSplit == 3) ? 3 : 4)
   int* k_off = reinterpret_cast<int*>(smem + lay.k_off);
   float* coef_a = smem + lay.coef_a;
   float* coef_d = smem + lay.coef_d;
+  float* coef_c = smem + lay.coef_c;
+  float* coef_e = smem + lay.coef_e;
   float* patches = smem + lay.in_tile;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -309,7 +390,18 @@ __global__ void __launch_bounds__(kThreads, (kStats || kSplit == 3) ? 3 : 4)
     }
     k_off[k] = off;
   }
-  if (!kStats && threadIdx.x < kBN) {
+  if ((kGradStats || kGradOut) && threadIdx.x < kBN) {
+    // coef_a = ctr; kGradOut: coef_d = A, coef_c = C, coef_e = D.
+    const int c = c_base + threadIdx.x;
+    const bool ok = c < s.c_out;
+    coef_a[threadIdx.x] = ok ? gt.center[c] : 0.f;
+    if (kGradOut) {
+      coef_d[threadIdx.x] = ok ? gt.coef_g[c] : 0.f;
+      coef_c[threadIdx.x] = ok ? gt.coef_y[c] : 0.f;
+      coef_e[threadIdx.x] = ok ? gt.coef_1[c] : 0.f;
+    }
+  }
+  if (kMode == TileMode::kApply && threadIdx.x < kBN) {
     const int c = c_base + threadIdx.x;
     float a = 0.f, d = 0.f;
     if (c < s.c_out) {
@@ -339,6 +431,17 @@ __global__ void __launch_bounds__(kThreads, (kStats || kSplit == 3) ? 3 : 4)
 #pragma unroll
     for (int j = 0; j < kNT; ++j) st_mean[j][0] = st_mean[j][1] = st_m2[j][0] = st_m2[j][1] = 0.f;
   }
+  // Backward sums of this thread's channel slots: g, g*(y - ctr), y - ctr.
+  // Plain float32 sums over a few hundred values each; the block and grid
+  // merges happen in fixed orders (finalize in float64).
+  float gs_g[kNT][2], gs_gy[kNT][2], gs_y[kNT][2];
+  if constexpr (kGradStats) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int p = 0; p < 2; ++p) gs_g[j][p] = gs_gy[j][p] = gs_y[j][p] = 0.f;
+  }
+  const T* __restrict__ grad = static_cast<const T*>(gt.grad);
 
   const PatchWalk walk(s);
   PatchStager<T> stager;
@@ -486,52 +589,103 @@ __global__ void __launch_bounds__(kThreads, (kStats || kSplit == 3) ? 3 : 4)
         }
         st_n = n_new;
       }
-    } else if (row_ok) {
-      if (s.channels_last) {
-        // A pixel's channels are contiguous: channels 2t and 2t+1 go out as one
-        // 8-byte (fp32) or 4-byte (fp16/bf16) store when C_out is even (aligned).
-        T* o = out + ((tc.n * s.h_out + oh) * s.w_out + tc.ow0 + g) * s.c_out + c_base;
-        const bool paired = (s.c_out & 1) == 0;
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          const int c = j * 8 + 2 * t;
-          if (c_base + c >= s.c_out) continue;
-          const float a0 = coef_a[c], d0 = coef_d[c], a1 = coef_a[c + 1], d1 = coef_d[c + 1];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            if (!col_ok[q]) continue;
-            const float v0 = fmaf(a0, acc[q >> 1][j][(q & 1) * 2], d0);
-            const float v1 = fmaf(a1, acc[q >> 1][j][(q & 1) * 2 + 1], d1);
-            T* dst = o + static_cast<int64_t>(8 * q) * s.c_out + c;
-            if (paired) {
-              store_pair(dst, v0, v1);
-            } else {
-              dst[0] = from_float<T>(v0);
-              if (c_base + c + 1 < s.c_out) dst[1] = from_float<T>(v1);
-            }
-          }
-        }
-      } else {
+    } else if constexpr (kGradStats) {
+      if (row_ok) {
+        // grad_out has the output's layout: the same offsets as the stores below.
         const int64_t plane = static_cast<int64_t>(s.h_out) * s.w_out;
-        T* o = out + tc.n * s.c_out * plane + static_cast<int64_t>(oh) * s.w_out + tc.ow0 + g;
+        const int64_t pix0 = (tc.n * s.h_out + oh) * s.w_out + tc.ow0 + g;  // NHWC pixel
+        const int64_t base0 = tc.n * s.c_out * plane + static_cast<int64_t>(oh) * s.w_out +
+                              tc.ow0 + g;  // NCHW, channel 0
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
 #pragma unroll
           for (int p = 0; p < 2; ++p) {
             const int c = j * 8 + 2 * t + p;
             if (c_base + c >= s.c_out) continue;
-            const float a = coef_a[c], d = coef_d[c];
-            T* oc = o + (c_base + c) * plane;
+            const float ctr = coef_a[c];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-              if (col_ok[q]) {
-                const float v = fmaf(a, acc[q >> 1][j][(q & 1) * 2 + p], d);
-                if constexpr (sizeof(T) == 4) {
-                  __stcs(reinterpret_cast<float*>(oc) + 8 * q, v);  // streamed: never re-read
-                } else {
-                  oc[8 * q] = from_float<T>(v);
-                }
-              }
+              if (!col_ok[q]) continue;
+              const int64_t off = s.channels_last ? (pix0 + 8 * q) * s.c_out + c_base + c
+                                                  : base0 + (c_base + c) * plane + 8 * q;
+              const float gv = load_grad(grad + off);
+              const float yv = acc[q >> 1][j][(q & 1) * 2 + p] - ctr;
+              gs_g[j][p] += gv;
+              gs_gy[j][p] = fmaf(gv, yv, gs_gy[j][p]);
+              gs_y[j][p] += yv;
+            }
+          }
+        }
+      }
+    } else if (row_ok) {
+      // Element offsets (in out, and in grad_out, which has the same layout) of
+      // channel slot c and pixel column g + 8q of this row.
+      const int64_t plane = static_cast<int64_t>(s.h_out) * s.w_out;
+      const int64_t pix0 = (tc.n * s.h_out + oh) * s.w_out + tc.ow0 + g;
+      const int64_t base0 = tc.n * s.c_out * plane + static_cast<int64_t>(oh) * s.w_out + tc.ow0 + g;
+      auto offset = [&](int c, int q) -> int64_t {
+        return s.channels_last ? (pix0 + 8 * q) * s.c_out + c_base + c
+                               : base0 + (c_base + c) * plane + 8 * q;
+      };
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const int c0 = j * 8 + 2 * t;  // slots c0 and c0 + 1
+        bool ok[2][4];
+#pragma unroll
+        for (int p = 0; p < 2; ++p)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) ok[p][q] = col_ok[q] && c_base + c0 + p < s.c_out;
+        // kGradOut: the eight grad_out values of this slot pair are loaded
+        // together, ahead of the stores (which the compiler may not move loads past).
+        float gv[2][4];
+        if constexpr (kGradOut) {
+#pragma unroll
+          for (int p = 0; p < 2; ++p)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) gv[p][q] = ok[p][q] ? load_grad(grad + offset(c0 + p, q)) : 0.f;
+        }
+        float v[2][4];
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          const int c = c0 + p;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const float y = acc[q >> 1][j][(q & 1) * 2 + p];
+            if constexpr (kGradOut) {
+              v[p][q] = fmaf(coef_d[c], gv[p][q], fmaf(coef_c[c], y - coef_a[c], coef_e[c]));
+            } else {
+              v[p][q] = fmaf(coef_a[c], y, coef_d[c]);
+            }
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          if (s.channels_last && (s.c_out & 1) == 0) {
+            // A pixel's channels are contiguous: slots c0, c0 + 1 go out as one
+            // 8-byte (fp32) or 4-byte (fp16/bf16) store (aligned: C_out even).
+            if (!ok[0][q]) continue;
+            const int64_t off = offset(c0, q);
+            if constexpr (kGradOut && std::is_same_v<T, __half>) {
+              *reinterpret_cast<__half2*>(out + off) = __halves2half2(
+                  round_unbiased<T>(v[0][q], off), round_unbiased<T>(v[1][q], off + 1));
+            } else if constexpr (kGradOut && std::is_same_v<T, __nv_bfloat16>) {
+              *reinterpret_cast<__nv_bfloat162*>(out + off) = __halves2bfloat162(
+                  round_unbiased<T>(v[0][q], off), round_unbiased<T>(v[1][q], off + 1));
+            } else {
+              store_pair(out + off, v[0][q], v[1][q]);
+            }
+            continue;
+          }
+#pragma unroll
+          for (int p = 0; p < 2; ++p) {
+            if (!ok[p][q]) continue;
+            const int64_t off = offset(c0 + p, q);
+            if constexpr (sizeof(T) == 4) {
+              __stcs(reinterpret_cast<float*>(out + off), v[p][q]);  // streamed: never re-read
+            } else if constexpr (kGradOut) {
+              out[off] = round_unbiased<T>(v[p][q], off);
+            } else {
+              out[off] = from_float<T>(v[p][q]);
             }
           }
         }
@@ -585,6 +739,52 @@ __global__ void __launch_bounds__(kThreads, (kStats || kSplit == 3) ? 3 : 4)
       dst[0] = n;
       dst[1] = mean;
       dst[2] = m2;
+    }
+  }
+
+  if constexpr (kGradStats) {
+    // Butterfly sums over the 8 lanes (g) that share t, then the warps in order.
+#pragma unroll
+    for (int offset = 4; offset < 32; offset <<= 1) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          gs_g[j][p] += __shfl_xor_sync(0xffffffffu, gs_g[j][p], offset);
+          gs_gy[j][p] += __shfl_xor_sync(0xffffffffu, gs_gy[j][p], offset);
+          gs_y[j][p] += __shfl_xor_sync(0xffffffffu, gs_y[j][p], offset);
+        }
+      }
+    }
+    float* sum_g = smem + lay.stat_mean;
+    float* sum_gy = smem + lay.stat_m2;
+    float* sum_y = smem + lay.stat_x;
+    if (g == 0) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          const int i = warp * kBN + j * 8 + 2 * t + p;
+          sum_g[i] = gs_g[j][p];
+          sum_gy[i] = gs_gy[j][p];
+          sum_y[i] = gs_y[j][p];
+        }
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < kBN) {
+      float a = 0.f, b = 0.f, c = 0.f;
+#pragma unroll
+      for (int wq = 0; wq < kWarps; ++wq) {
+        a += sum_g[wq * kBN + threadIdx.x];
+        b += sum_gy[wq * kBN + threadIdx.x];
+        c += sum_y[wq * kBN + threadIdx.x];
+      }
+      float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kBN +
+                               threadIdx.x) * 3;
+      dst[0] = a;
+      dst[1] = b;
+      dst[2] = c;
     }
   }
 }

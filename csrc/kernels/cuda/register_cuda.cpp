@@ -5,7 +5,9 @@
 // the device-generic ATen path (kernels/common/conv_bn_aten.h: fold + cuDNN
 // for eval, cuDNN conv + ATen reductions for training).
 // Running-statistics update: one CUDA launch (running_stats_update.cu).
-// Backward: the ATen path (recompute the conv, cuDNN conv backward).
+// Backward: the tile kernel's reductions and gradient at the conv output, then
+// cuDNN's convolution backward (conv_bn_backward.h), where the tile kernel
+// covers the configuration; else the ATen path.
 //
 // The guard makes the input's device current, so ATen allocates on it and
 // launches on its current stream (the tensors are all on that device: the
@@ -15,6 +17,7 @@
 
 #include "kernels/common/conv_bn_aten.h"
 #include "kernels/common/conv_bn_checks.h"
+#include "kernels/cuda/conv_bn_backward.h"
 #include "kernels/cuda/conv_bn_forward.h"
 #include "kernels/cuda/running_stats_update.h"
 
@@ -85,6 +88,15 @@ conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::
                  at::IntArrayRef dilation, int64_t groups, bool training,
                  std::array<bool, 2> input_weight_mask) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  const ConvBnGeometry geometry =
+      check_backward_args(grad_out, input, weight, bias, bn_weight, bn_bias, mean, invstd,
+                          scale_tensor, {stride, padding, dilation, groups});
+  if (geometry.stats_dtype == at::kFloat &&
+      tile_kernel_supports(input, weight, stride, padding, dilation, groups)) {
+    return tile_conv_bn_backward(grad_out, input, weight, bias, bn_weight, bn_bias, mean, invstd,
+                                 scale_tensor, scale, stride, padding, dilation, training,
+                                 input_weight_mask);
+  }
   return aten_impl::conv_bn_backward(grad_out, input, weight, bias, bn_weight, bn_bias, mean,
                                      invstd, scale_tensor, scale, stride, padding, dilation, groups,
                                      training, input_weight_mask);

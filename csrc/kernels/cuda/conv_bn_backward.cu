@@ -1,0 +1,160 @@
+// Host side of the fused CUDA backward (the math: docs/DESIGN.md, "Backward").
+//
+// With y = conv(x) (no bias), ctr = mean - bias, x_hat = (y - ctr) * invstd,
+// k = s * gamma * invstd and M values per channel:
+//
+//   pass 1 (tile kernel, kGradStats): recompute y tile by tile and reduce
+//           sum g, sum g*(y - ctr), sum (y - ctr) per channel into per-block
+//           partials; nothing output-sized is written.
+//   finalize (one warp per channel, float64, fixed order: deterministic):
+//           sum(g*x_hat) = invstd * sum g*(y - ctr), and in training the
+//           recentring delta = invstd * sum(y - ctr) / M (the saved mean is
+//           the exact batch mean rounded to float32: see
+//           kernels/common/conv_bn_aten_backward.cpp), giving
+//             g_hat = A*g + C*(y - ctr) + D,  A = k,  C = -k*invstd*proj,
+//             D = k*(delta*proj - sum(g)/M),  proj = sum(g*x_hat')/M.
+//   pass 2 (training only; tile kernel, kGradOut): recompute y and write g_hat
+//           in the input's dtype and layout, then cuDNN's convolution
+//           backward turns it into grad_input and grad_weight.
+//   eval:   g_hat = k*g needs no pass 2: grad_input = conv_transpose(g; k*W)
+//           and grad_weight = k * (the weight gradient of g), both from cuDNN.
+//
+// The per-channel gradients (bias, gamma, beta, scale) come from the sums.
+#include "kernels/cuda/conv_bn_backward.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/common/bn_fold.h"
+#include "kernels/common/conv_bn_checks.h"
+#include "kernels/common/conv_call.h"
+#include "kernels/cuda/tile_launch.cuh"
+
+namespace fused_conv::cuda {
+namespace {
+
+// Rows of the [5, C_out] float32 result of finalize_grad_kernel.
+enum GradRow : int { kSumG, kSumGXhat, kCoefG, kCoefY, kCoef1, kGradRows };
+
+// One warp per channel: lane l sums the block partials l, l+32, ... in float64,
+// then a shuffle tree sums the lanes (a fixed order: bitwise reproducible).
+__global__ void finalize_grad_kernel(const float* __restrict__ partials, int grid_x, int bn,
+                                     int64_t c_out, const float* __restrict__ invstd,
+                                     const float* __restrict__ k, double count, bool training,
+                                     float* __restrict__ rows) {
+  const int64_t c = blockIdx.x;
+  const int lane = threadIdx.x;
+  const int64_t cb = c / bn, cl = c % bn;
+  double sg = 0, sgy = 0, sy = 0;
+  for (int b = lane; b < grid_x; b += 32) {
+    const float* p = partials + ((cb * grid_x + b) * bn + cl) * 3;
+    sg += p[0];
+    sgy += p[1];
+    sy += p[2];
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    sg += __shfl_down_sync(0xffffffffu, sg, offset);
+    sgy += __shfl_down_sync(0xffffffffu, sgy, offset);
+    sy += __shfl_down_sync(0xffffffffu, sy, offset);
+  }
+  if (lane != 0 || c >= c_out) return;
+  const double inv = invstd[c], kc = k[c];
+  double sgx = inv * sgy;  // sum(g * x_hat)
+  double a = kc, cy = 0, c1 = 0;
+  if (training) {
+    const double delta = inv * sy / count;
+    sgx -= delta * sg;
+    const double proj = sgx / count;
+    cy = -kc * inv * proj;
+    c1 = kc * (delta * proj - sg / count);
+  }
+  rows[kSumG * c_out + c] = static_cast<float>(sg);
+  rows[kSumGXhat * c_out + c] = static_cast<float>(sgx);
+  rows[kCoefG * c_out + c] = static_cast<float>(a);
+  rows[kCoefY * c_out + c] = static_cast<float>(cy);
+  rows[kCoef1 * c_out + c] = static_cast<float>(c1);
+}
+
+at::Tensor per_out_channel_view(const at::Tensor& t) { return t.view({-1, 1, 1, 1}); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                      const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& bn_weight,
+                      const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean,
+                      const at::Tensor& invstd, const std::optional<at::Tensor>& scale_tensor,
+                      double scale, at::IntArrayRef stride, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, bool training,
+                      std::array<bool, 2> input_weight_mask) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const auto shape = make_tile_shape(input, weight, stride, padding, dilation, 1);
+  TORCH_CHECK(shape.has_value(), "fused_conv: configuration outside the tile kernel's reach");
+  const ConvShape& s = *shape;
+  const ConvParams conv{stride, padding, dilation, 1};
+  const at::MemoryFormat format = format_of(s);
+  const at::Tensor x = input.contiguous(format);
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor grad = grad_out.contiguous(format);
+  const auto device = input.device();
+
+  const at::Tensor invstd_f = invstd.to(at::kFloat).contiguous();
+  const at::Tensor mean_f = mean.to(at::kFloat);
+  const at::Tensor center =
+      (bias.has_value() && bias->defined() ? mean_f - bias->to(at::kFloat) : mean_f).contiguous();
+  const at::Tensor sc = effective_scale(scale_tensor, scale, at::kFloat, device);
+  const at::Tensor gamma = bn_weight_or_ones(bn_weight, s.c_out, at::kFloat, device);
+  const at::Tensor beta = bn_bias_or_zeros(bn_bias, s.c_out, at::kFloat, device);
+  const at::Tensor k = (gamma * invstd_f * sc).contiguous();
+  const int64_t count = s.n * static_cast<int64_t>(s.h_out) * s.w_out;
+
+  // Pass 1 and finalize.
+  at::Tensor partials = reduction_partials(s, input);
+  GradTerms terms{grad.const_data_ptr(), center.const_data_ptr<float>(), nullptr, nullptr,
+                  nullptr};
+  const Launch sums = run_tile_kernel<TileMode::kGradStats>(
+      s, x, w, BnFold{}, terms, at::Tensor(), partials.mutable_data_ptr<float>());
+  at::Tensor rows = at::empty({kGradRows, s.c_out}, input.options().dtype(at::kFloat));
+  finalize_grad_kernel<<<static_cast<unsigned>(s.c_out), 32, 0,
+                         c10::cuda::getCurrentCUDAStream()>>>(
+      partials.const_data_ptr<float>(), static_cast<int>(sums.grid.x), 8 * n_tiles_for(s.c_out),
+      s.c_out, invstd_f.const_data_ptr<float>(), k.const_data_ptr<float>(),
+      static_cast<double>(count), training, rows.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor sum_g = rows[kSumG];
+  const at::Tensor sum_g_xhat = rows[kSumGXhat];
+
+  // grad_input / grad_weight.
+  at::Tensor grad_input = at::empty({0}, input.options());
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  if (input_weight_mask[0] || input_weight_mask[1]) {
+    if (training) {
+      at::Tensor g_hat = at::empty({s.n, s.c_out, s.h_out, s.w_out},
+                                   input.options().memory_format(format));
+      terms.coef_g = rows[kCoefG].const_data_ptr<float>();
+      terms.coef_y = rows[kCoefY].const_data_ptr<float>();
+      terms.coef_1 = rows[kCoef1].const_data_ptr<float>();
+      run_tile_kernel<TileMode::kGradOut>(s, x, w, BnFold{}, terms, g_hat, nullptr);
+      std::tie(grad_input, grad_weight) =
+          conv_backward(g_hat, input, weight, conv, format, input_weight_mask);
+    } else {
+      // g_hat = k*g is linear in g: fold k into the weight for grad_input and
+      // scale the weight gradient of g per output channel.
+      const at::Tensor k_view = per_out_channel_view(k);
+      const at::Tensor weight_k = (weight.to(at::kFloat) * k_view).to(weight.scalar_type());
+      std::tie(grad_input, grad_weight) =
+          conv_backward(grad, input, weight_k, conv, format, input_weight_mask);
+      if (input_weight_mask[1]) {
+        grad_weight = (grad_weight.to(at::kFloat) * k_view).to(weight.scalar_type());
+      }
+    }
+  }
+  const at::Tensor grad_bias = training ? at::zeros_like(sum_g) : k * sum_g;
+  const at::Tensor grad_scale = (gamma * sum_g_xhat + beta * sum_g).sum();
+  return {grad_input, grad_weight, grad_bias, sc * sum_g_xhat, sc * sum_g, grad_scale};
+}
+
+}  // namespace fused_conv::cuda

@@ -1,0 +1,86 @@
+// Which configurations the tile kernel covers and its launch bookkeeping
+// (declarations and the rationale of the limits: tile_launch.cuh).
+#include "kernels/cuda/tile_launch.cuh"
+
+namespace fused_conv::cuda {
+namespace {
+
+size_t smem_bytes_for(const ConvShape& s, int nt, int split) {
+  // The layout only depends on kBVec (split >= 2) and kNT.
+  if (split >= 2) {
+    return nt == 2   ? tile_smem_bytes<2, 3>(s)
+           : nt == 4 ? tile_smem_bytes<4, 3>(s)
+                     : tile_smem_bytes<8, 3>(s);
+  }
+  return nt == 2 ? tile_smem_bytes<2, 1>(s) : nt == 4 ? tile_smem_bytes<4, 1>(s) : tile_smem_bytes<8, 1>(s);
+}
+
+int split_for(at::ScalarType dtype) { return dtype == at::kFloat ? 3 : 1; }
+
+}  // namespace
+
+int multiprocessors(int device) {
+  static int cache[64] = {0};
+  if (device < 64 && cache[device] > 0) return cache[device];
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device < 64) cache[device] = count;
+  return count;
+}
+
+std::optional<ConvShape> make_tile_shape(const at::Tensor& input, const at::Tensor& weight,
+                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups) {
+  const auto dtype = input.scalar_type();
+  if (groups != 1 || !(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16)) {
+    return std::nullopt;
+  }
+  const int64_t c_in = input.size(1), h = input.size(2), w = input.size(3);
+  const int64_t c_out = weight.size(0), kh = weight.size(2), kw = weight.size(3);
+  const int64_t h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  const int64_t k = c_in * kh * kw;
+  constexpr int64_t kInt32 = int64_t{1} << 31;
+  if (c_in > kMaxCin || k > kMaxK || input.size(0) * h_out * w_out == 0 ||
+      c_in * h * w >= kInt32 || c_out * h_out * w_out >= kInt32) {
+    return std::nullopt;  // per-image offsets are int32 inside the kernel
+  }
+  ConvShape s{};
+  s.n = input.size(0);
+  s.c_in = static_cast<int>(c_in);
+  s.h = static_cast<int>(h);
+  s.w = static_cast<int>(w);
+  s.c_out = static_cast<int>(c_out);
+  s.h_out = static_cast<int>(h_out);
+  s.w_out = static_cast<int>(w_out);
+  s.kh = static_cast<int>(kh);
+  s.kw = static_cast<int>(kw);
+  s.stride_h = static_cast<int>(stride[0]);
+  s.stride_w = static_cast<int>(stride[1]);
+  s.pad_h = static_cast<int>(padding[0]);
+  s.pad_w = static_cast<int>(padding[1]);
+  s.dil_h = static_cast<int>(dilation[0]);
+  s.dil_w = static_cast<int>(dilation[1]);
+  s.k = static_cast<int>(k);
+  s.k_steps = (s.k + 7) / 8;
+  s.in_tile_h = (kTileH - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1;
+  s.in_tile_w = (kTileW - 1) * s.stride_w + (s.kw - 1) * s.dil_w + 1;
+  s.tiles_h = (s.h_out + kTileH - 1) / kTileH;
+  s.tiles_w = (s.w_out + kTileW - 1) / kTileW;
+  s.tiles = s.n * s.tiles_h * s.tiles_w;
+  s.channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const int nt = n_tiles_for(s.c_out);
+  if (smem_bytes_for(s, nt, split_for(dtype)) > kMaxSmemBytes) return std::nullopt;
+  return s;
+}
+
+at::Tensor reduction_partials(const ConvShape& s, const at::Tensor& like) {
+  const int bn = 8 * n_tiles_for(s.c_out);
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int64_t c_blocks = (s.c_out + bn - 1) / bn;
+  const int64_t max_grid = std::min<int64_t>(s.tiles, 16 * multiprocessors(device));
+  return at::empty({c_blocks * max_grid * bn * 3}, like.options().dtype(at::kFloat));
+}
+
+}  // namespace fused_conv::cuda

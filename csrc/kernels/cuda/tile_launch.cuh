@@ -1,0 +1,123 @@
+// Host side of the tile kernel (conv_tile_kernel.cuh), shared by the forward
+// and backward pipelines: which configurations it covers, its launch geometry,
+// and the launch itself for each TileMode. Included by .cu files only; each
+// pipeline instantiates the modes it uses (conv_bn_forward.cu: kApply, kStats;
+// conv_bn_backward.cu: kGradStats, kGradOut), so the two compile in parallel.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+
+#include "kernels/cuda/conv_tile_kernel.cuh"
+
+namespace fused_conv::cuda {
+
+// The tile kernel is for small K = C_in*kh*kw (the whole weight slice stays in
+// shared memory) and groups == 1; wider convolutions are GEMM-bound and cuDNN
+// serves them well (see docs/DESIGN.md, "Dispatch").
+constexpr int kMaxK = 160;
+constexpr int kMaxCin = 32;
+constexpr int kMaxSmemBytes = 160 * 1024;
+
+int multiprocessors(int device);
+
+// n8 fragments per block: the block covers 8 * n_tiles_for(C_out) channels.
+inline int n_tiles_for(int64_t c_out) { return c_out <= 16 ? 2 : c_out <= 32 ? 4 : 8; }
+
+// The kernel's view of the problem, or nullopt outside its reach (see
+// tile_kernel_supports in conv_bn_forward.h).
+std::optional<ConvShape> make_tile_shape(const at::Tensor& input, const at::Tensor& weight,
+                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups);
+
+inline at::MemoryFormat format_of(const ConvShape& s) {
+  return s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// Partials buffer of a reduction pass (kStats, kGradStats): [c_blocks][grid][kBN][3]
+// floats for the largest grid a launch picks (a block of 128 threads can't have
+// more than 16 resident per multiprocessor).
+at::Tensor reduction_partials(const ConvShape& s, const at::Tensor& like);
+
+inline const float* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<float>() : nullptr;
+}
+
+struct Launch {
+  dim3 grid;
+  size_t smem;
+};
+
+template <int kNT, int kSplit>
+size_t tile_smem_bytes(const ConvShape& s) {
+  return static_cast<size_t>(SmemLayout<kNT, kSplit>(s).total) * sizeof(float);
+}
+
+template <typename T, int kNT, int kSplit, TileMode kMode>
+Launch launch_tile_kernel(const ConvShape& s, const T* x, const T* w, const BnFold& fold,
+                          const GradTerms& gt, T* out, float* partials, cudaStream_t stream) {
+  auto kernel = conv_tile_kernel<T, kNT, kSplit, kMode>;
+  const size_t smem = tile_smem_bytes<kNT, kSplit>(s);
+  static bool attribute_set = false;  // per instantiation
+  if (!attribute_set) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        kMaxSmemBytes));
+    attribute_set = true;
+  }
+  const int64_t c_blocks = (s.c_out + 8 * kNT - 1) / (8 * kNT);
+  // Persistent grid: one wave of resident blocks. For the reduction modes the
+  // grid fixes the partials' shape and so the merge order: it depends only on
+  // the device and the shape, so results are reproducible run to run.
+  int device = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * multiprocessors(device);
+  const int grid_x = static_cast<int>(
+      std::clamp<int64_t>(resident / c_blocks, 1, std::min<int64_t>(s.tiles, 1 << 30)));
+  const dim3 grid(grid_x, static_cast<unsigned>(c_blocks));
+  kernel<<<grid, kThreads, smem, stream>>>(x, w, s, fold, gt, out, partials);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grid, smem};
+}
+
+// One launch of the tile kernel in mode kMode on the current stream. x and w in
+// the input's dtype (x in the layout s.channels_last names, w contiguous), out
+// likewise (or undefined for the reduction modes).
+template <TileMode kMode>
+Launch run_tile_kernel(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                       const BnFold& fold, const GradTerms& gt, const at::Tensor& out,
+                       float* partials) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Launch launch{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_conv_tile", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
+                                 std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>,
+                                                    __nv_bfloat16, scalar_t>>;
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "fused_conv: the CUDA tile kernel has no float64 variant");
+    } else {
+      constexpr int kSplit = sizeof(T) == 4 ? 3 : 1;
+      const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
+      const T* wp = reinterpret_cast<const T*>(w.const_data_ptr());
+      T* op = out.defined() ? reinterpret_cast<T*>(out.mutable_data_ptr()) : nullptr;
+      switch (n_tiles_for(s.c_out)) {
+        case 2:
+          launch = launch_tile_kernel<T, 2, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream);
+          break;
+        case 4:
+          launch = launch_tile_kernel<T, 4, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream);
+          break;
+        default:
+          launch = launch_tile_kernel<T, 8, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream);
+      }
+    }
+  });
+  return launch;
+}
+
+}  // namespace fused_conv::cuda

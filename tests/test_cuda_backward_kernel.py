@@ -1,0 +1,187 @@
+"""CUDA fused backward (kernels/cuda/conv_bn_backward.cu): gradients of every tensor against
+float64 autograd of conv2d -> batch norm -> * scale, on shapes the tile kernel covers (tails in
+every tile dimension, both layouts, all dtypes, train and eval), its dispatch, determinism and a
+large-offset input. Tests named `*sanitize*` are small and run under compute-sanitizer
+(benchmarks/gpu_suite.sh). Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_conv
+from fused_conv import ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = "cuda"
+EPS = 1e-5
+KEYS = ("input", "weight", "bias", "bn_weight", "bn_bias", "scale")
+
+# Relative L2 error bounds per gradient. float32: float32-accurate (the conv backward runs
+# without TF32: conftest turns it off). float16 / bfloat16: g_hat is rounded to the input
+# dtype before the convolution's backward, as in eager PyTorch.
+BOUNDS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make(n, c_in, h, w, c_out, k, *, dtype, channels_last, seed, offset=0.3):
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    x = (torch.randn(n, c_in, h, w, device=CUDA, generator=g) + offset).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, k, k, device=CUDA, generator=g) / (c_in * k * k) ** 0.5
+    params = {
+        "weight": weight.to(dtype),
+        "bias": torch.randn(c_out, device=CUDA, generator=g).to(dtype),
+        "bn_weight": torch.rand(c_out, device=CUDA, generator=g) + 0.5,
+        "bn_bias": torch.randn(c_out, device=CUDA, generator=g),
+        "scale": torch.tensor(1.5, device=CUDA),
+        "running_mean": torch.randn(c_out, device=CUDA, generator=g),
+        "running_var": torch.rand(c_out, device=CUDA, generator=g) + 0.5,
+    }
+    return x, params, g
+
+
+def forward(x, p, *, training, stride, padding, dilation):
+    return ops.conv_bn_scale(
+        x, p["weight"], p["bias"], p["bn_weight"], p["bn_bias"],
+        None if training else p["running_mean"], None if training else p["running_var"],
+        training=training, eps=EPS, scale=p["scale"], stride=stride, padding=padding,
+        dilation=dilation,
+    )  # fmt: skip
+
+
+def reference_forward(x, p, *, training, stride, padding, dilation):
+    y = F.conv2d(x, p["weight"], p["bias"], stride, padding, dilation)
+    if training:
+        mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    else:
+        mean, var = p["running_mean"], p["running_var"]
+    xhat = (y - mean[:, None, None]) / torch.sqrt(var + EPS)[:, None, None]
+    return (xhat * p["bn_weight"][:, None, None] + p["bn_bias"][:, None, None]) * p["scale"]
+
+
+def gradients(fn, x, p, grad_out, **kw):
+    x = x.detach().requires_grad_()
+    q = {key: v.detach().requires_grad_(key in KEYS) for key, v in p.items()}
+    out = fn(x, q, **kw)
+    out.backward(grad_out)
+    return out, {"input": x.grad, **{key: q[key].grad for key in KEYS if key != "input"}}
+
+
+def check_backward(shape, *, dtype, channels_last, training, seed, offset=0.3, bound=None):
+    n, c_in, h, w, c_out, k, stride, padding, dilation = shape
+    x, p, g = make(n, c_in, h, w, c_out, k, dtype=dtype, channels_last=channels_last, seed=seed,
+                   offset=offset)  # fmt: skip
+    conv = dict(stride=stride, padding=padding, dilation=dilation)
+    assert fused_conv._C.cuda_tile_kernel_supports(
+        x, p["weight"], [stride] * 2, [padding] * 2, [dilation] * 2, 1
+    )
+    x64 = x.double()
+    p64 = {key: v.double() for key, v in p.items()}
+    with torch.no_grad():
+        out_shape = reference_forward(x64, p64, training=training, **conv).shape
+    grad_out = torch.randn(out_shape, device=CUDA, generator=g).to(dtype)
+    if channels_last:
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    out, got = gradients(forward, x, p, grad_out, training=training, **conv)
+    _, want = gradients(reference_forward, x64, p64, grad_out.double(), training=training, **conv)
+    bound = bound or BOUNDS[dtype]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert got["input"].is_contiguous(memory_format=fmt)
+    errors = {}
+    for key in KEYS:
+        a, e = got[key], want[key]
+        assert a is not None and a.shape == e.shape, key
+        assert a.dtype == (dtype if key == "input" else p[key].dtype), key
+        assert torch.isfinite(a).all(), f"grad {key} not finite"
+        ref_norm = e.norm().item()
+        if key == "bias" and training:
+            # analytically 0: the batch mean absorbs the conv bias
+            assert a.abs().max().item() <= 1e-4 * max(1.0, want["bn_bias"].abs().max().item())
+            continue
+        errors[key] = (a.double() - e).norm().item() / ref_norm
+    print(shape, dtype, "train" if training else "eval", {k: f"{v:.1e}" for k, v in errors.items()})
+    for key, err in errors.items():
+        assert err <= bound, f"grad {key}: relative error {err:.2e} > {bound:.0e}"
+
+
+SHAPES = [
+    # n, c_in, h, w, c_out, k, stride, padding, dilation: tails in every tile dimension
+    (2, 8, 37, 45, 64, 3, 1, 1, 1),
+    (3, 3, 33, 31, 16, 3, 1, 0, 1),
+    (2, 5, 19, 70, 24, 5, 2, 2, 1),
+    (2, 4, 23, 41, 100, 3, 1, 3, 2),
+    (1, 2, 5, 97, 7, 1, 1, 0, 1),  # c_in = 1, k = 1 would make grad_weight 0 in training
+    (2, 3, 30, 29, 33, 7, 2, 3, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_matches_reference(shape, training, channels_last, dtype):
+    check_backward(shape, dtype=dtype, channels_last=channels_last, training=training,
+                   seed=sum(shape) * 7 + training)  # fmt: skip
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_sanitize_backward_small(training, channels_last):
+    check_backward((2, 3, 9, 35, 10, 3, 1, 1, 1), dtype=torch.float32,
+                   channels_last=channels_last, training=training, seed=5)  # fmt: skip
+
+
+def test_backward_large_offset_input():
+    # mean(y) >> std(y): x_hat and the sums of g * x_hat must not cancel in float32
+    # (the kernel centres y on the saved mean before summing).
+    check_backward((2, 8, 20, 40, 32, 3, 1, 1, 1), dtype=torch.float32, channels_last=False,
+                   training=True, seed=11, offset=300.0, bound=1e-3)  # fmt: skip
+
+
+def test_backward_runs_the_fused_kernels():
+    x, p, _ = make(2, 8, 16, 40, 64, 3, dtype=torch.float32, channels_last=False, seed=3)
+    x.requires_grad_()
+    out = forward(x, {k: v.requires_grad_(k in KEYS) for k, v in p.items()}, training=True,
+                  stride=1, padding=1, dilation=1)  # fmt: skip
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out.backward(torch.randn_like(out))
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    assert "finalize_grad_kernel" in names and "conv_tile_kernel" in names, names[:2000]
+
+
+def test_backward_is_bitwise_reproducible():
+    x, p, g = make(4, 8, 32, 64, 64, 3, dtype=torch.float32, channels_last=False, seed=9)
+    grad_out = torch.randn(4, 64, 32, 64, device=CUDA, generator=g)
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True  # cuDNN's weight gradient, else atomics
+    try:
+        runs = [
+            gradients(forward, x, p, grad_out, training=True, stride=1, padding=1, dilation=1)[1]
+            for _ in range(2)
+        ]
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    for key in KEYS:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+def test_bfloat16_weight_gradient_does_not_drift_with_the_batch():
+    # bfloat16 grad_out takes few distinct values per channel; rounded to nearest, g_hat
+    # would carry the same error on every element of a value, and the weight gradient (a
+    # sum over N*H*W) would drift with the batch size. x in [0, 1) as in KernelBench.
+    g = torch.Generator(device=CUDA).manual_seed(21)
+    x = torch.rand(32, 8, 64, 64, device=CUDA, generator=g).to(torch.bfloat16)
+    _, p, _ = make(1, 8, 4, 4, 32, 3, dtype=torch.bfloat16, channels_last=False, seed=21)
+    conv = dict(stride=1, padding=1, dilation=1)
+    grad_out = torch.randn(32, 32, 64, 64, device=CUDA, generator=g).to(torch.bfloat16)
+    _, got = gradients(forward, x, p, grad_out, training=True, **conv)
+    p64 = {key: v.double() for key, v in p.items()}
+    _, want = gradients(
+        reference_forward, x.double(), p64, grad_out.double(), training=True, **conv
+    )
+    err = ((got["weight"].double() - want["weight"]).norm() / want["weight"].norm()).item()
+    print("bf16 grad_weight relative error", err)
+    assert err <= 1e-2, f"grad weight: relative error {err:.2e}"
