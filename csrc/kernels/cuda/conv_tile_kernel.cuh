@@ -119,37 +119,29 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float v0, float v
 // errors add up instead of cancelling (a bias that grows with the batch).
 // Stochastic rounding with a fixed hash of the element offset as the random
 // source makes the errors zero-mean and independent, and stays deterministic.
-__device__ __forceinline__ uint32_t mix_bits(int64_t i) {  // murmur3's 64-bit finaliser
-  uint64_t z = static_cast<uint64_t>(i) + 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 33)) * 0xFF51AFD7ED558CCDull;
-  z = (z ^ (z >> 33)) * 0xC4CEB9FE1A85EC53ull;
-  return static_cast<uint32_t>(z ^ (z >> 33));
+__device__ __forceinline__ uint32_t mix_bits(int64_t i) {  // an integer hash (murmur3-style)
+  uint32_t h = static_cast<uint32_t>(i) ^ (static_cast<uint32_t>(i >> 32) * 0x27D4EB2Du);
+  h *= 0x9E3779B1u;
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  return h;
 }
+// Adding uniform random bits below the kept mantissa and truncating rounds the
+// magnitude up with probability equal to the dropped fraction: E[result] = v.
+// bfloat16 keeps the top 16 bits of a float; float16 (normal range) keeps 10 of
+// the 23 mantissa bits. Outside float16's normal range: round to nearest.
 template <typename T>
 __device__ __forceinline__ T round_unbiased(float v, int64_t i) {
-  const T near = from_float<T>(v);
-  const float nf = to_float(near);
-  const float rest = v - nf;  // |rest| <= half a unit in the last place of `near`
-  if (rest == 0.f || !isfinite(v)) return near;
-  // The neighbour of `near` on the side of v, one unit away.
-  T other;
-  if constexpr (std::is_same_v<T, __half>) {
-    const unsigned short b = __half_as_ushort(near);
-    const bool away = (rest > 0.f) == (nf >= 0.f);  // away from zero?
-    other = __ushort_as_half(nf == 0.f ? (rest > 0.f ? 0x0001 : 0x8001)
-                                       : static_cast<unsigned short>(away ? b + 1 : b - 1));
+  const uint32_t bits = __float_as_uint(v);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (!isfinite(v)) return from_float<T>(v);
+    return __ushort_as_bfloat16(static_cast<unsigned short>((bits + (mix_bits(i) & 0xFFFFu)) >> 16));
   } else {
-    const unsigned short b = __bfloat16_as_ushort(near);
-    const bool away = (rest > 0.f) == (nf >= 0.f);
-    other = __ushort_as_bfloat16(nf == 0.f ? (rest > 0.f ? 0x0001 : 0x8001)
-                                           : static_cast<unsigned short>(away ? b + 1 : b - 1));
+    const float a = fabsf(v);
+    if (!(a >= 6.103515625e-05f && a < 65504.f)) return from_float<T>(v);
+    return __float2half_rz(__uint_as_float(bits + (mix_bits(i) & 0x1FFFu)));
   }
-  const float of = to_float(other);
-  if (!isfinite(of)) return near;
-  // Pick `other` with probability |rest| / |other - near|: E[result] = v.
-  const float p = fabsf(rest / (of - nf));
-  const float u = static_cast<float>(mix_bits(i) >> 8) * (1.f / 16777216.f);
-  return u < p ? other : near;
 }
 
 // Shared-memory layout, in floats; identical on host (size) and device (carving).
