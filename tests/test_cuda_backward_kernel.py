@@ -61,15 +61,17 @@ def reference_forward(x, p, *, training, stride, padding, dilation):
     return (xhat * p["bn_weight"][:, None, None] + p["bn_bias"][:, None, None]) * p["scale"]
 
 
-def gradients(fn, x, p, grad_out, **kw):
-    x = x.detach().requires_grad_()
-    q = {key: v.detach().requires_grad_(key in KEYS) for key, v in p.items()}
+def gradients(fn, x, p, grad_out, wanted=KEYS, **kw):
+    x = x.detach().requires_grad_("input" in wanted)
+    q = {key: v.detach().requires_grad_(key in wanted) for key, v in p.items()}
     out = fn(x, q, **kw)
     out.backward(grad_out)
     return out, {"input": x.grad, **{key: q[key].grad for key in KEYS if key != "input"}}
 
 
-def check_backward(shape, *, dtype, channels_last, training, seed, offset=0.3, bound=None):
+def check_backward(
+    shape, *, dtype, channels_last, training, seed, offset=0.3, bound=None, wanted=KEYS
+):
     n, c_in, h, w, c_out, k, stride, padding, dilation = shape
     x, p, g = make(n, c_in, h, w, c_out, k, dtype=dtype, channels_last=channels_last, seed=seed,
                    offset=offset)  # fmt: skip
@@ -84,13 +86,17 @@ def check_backward(shape, *, dtype, channels_last, training, seed, offset=0.3, b
     grad_out = torch.randn(out_shape, device=CUDA, generator=g).to(dtype)
     if channels_last:
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-    out, got = gradients(forward, x, p, grad_out, training=training, **conv)
+    out, got = gradients(forward, x, p, grad_out, wanted, training=training, **conv)
     _, want = gradients(reference_forward, x64, p64, grad_out.double(), training=training, **conv)
     bound = bound or BOUNDS[dtype]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    assert got["input"].is_contiguous(memory_format=fmt)
+    if "input" in wanted:
+        assert got["input"].is_contiguous(memory_format=fmt)
     errors = {}
     for key in KEYS:
+        if key not in wanted:
+            assert got[key] is None, key
+            continue
         a, e = got[key], want[key]
         assert a is not None and a.shape == e.shape, key
         assert a.dtype == (dtype if key == "input" else p[key].dtype), key
@@ -107,13 +113,16 @@ def check_backward(shape, *, dtype, channels_last, training, seed, offset=0.3, b
 
 
 SHAPES = [
-    # n, c_in, h, w, c_out, k, stride, padding, dilation: tails in every tile dimension
-    (2, 8, 37, 45, 64, 3, 1, 1, 1),
-    (3, 3, 33, 31, 16, 3, 1, 0, 1),
-    (2, 5, 19, 70, 24, 5, 2, 2, 1),
-    (2, 4, 23, 41, 100, 3, 1, 3, 2),
+    # n, c_in, h, w, c_out, k, stride, padding, dilation: tails in every tile dimension.
+    # In training the weight gradient is fused into the tile kernel (kGradOutW) unless K =
+    # c_in*k*k is too wide for the channel block (weight_grad_fusable): then cuDNN's.
+    (2, 8, 37, 45, 64, 3, 1, 1, 1),  # fused, 64-channel blocks
+    (3, 3, 33, 31, 16, 3, 1, 0, 1),  # fused, 16-channel blocks
+    (2, 5, 19, 70, 24, 5, 2, 2, 1),  # fused, 32-channel blocks
+    (2, 4, 23, 41, 100, 3, 1, 3, 2),  # fused, two channel blocks, the second partial
     (1, 2, 5, 97, 7, 1, 1, 0, 1),  # c_in = 1, k = 1 would make grad_weight 0 in training
-    (2, 3, 30, 29, 33, 7, 2, 3, 1),
+    (2, 3, 30, 29, 33, 7, 2, 3, 1),  # K = 147 with 64-channel blocks: cuDNN's weight gradient
+    (2, 16, 21, 35, 32, 3, 1, 1, 1),  # K = 144 with 32-channel blocks: fused, 9 n8 fragments
 ]
 
 
@@ -124,6 +133,15 @@ SHAPES = [
 def test_backward_matches_reference(shape, training, channels_last, dtype):
     check_backward(shape, dtype=dtype, channels_last=channels_last, training=training,
                    seed=sum(shape) * 7 + training)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("wanted", [("input",), ("weight",), ("weight", "bn_weight")], ids="+".join)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5]], ids=["fused_dw", "cudnn_dw"])
+def test_backward_of_some_inputs(shape, wanted, dtype):
+    # grad_input alone: g_hat for cuDNN only; grad_weight alone: g_hat is never written.
+    check_backward(shape, dtype=dtype, channels_last=False, training=True, seed=len(wanted),
+                   wanted=wanted)  # fmt: skip
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -149,7 +167,8 @@ def test_backward_runs_the_fused_kernels():
         out.backward(torch.randn_like(out))
         torch.cuda.synchronize()
     names = " ".join(e.name for e in prof.events())
-    assert "finalize_grad_kernel" in names and "conv_tile_kernel" in names, names[:2000]
+    for kernel in ("finalize_grad_kernel", "conv_tile_kernel", "reduce_weight_grad_kernel"):
+        assert kernel in names, (kernel, names[:2000])
 
 
 def test_backward_is_bitwise_reproducible():

@@ -13,9 +13,14 @@
 //           kernels/common/conv_bn_aten_backward.cpp), giving
 //             g_hat = A*g + C*(y - ctr) + D,  A = k,  C = -k*invstd*proj,
 //             D = k*(delta*proj - sum(g)/M),  proj = sum(g*x_hat')/M.
-//   pass 2 (training only; tile kernel, kGradOut): recompute y and write g_hat
-//           in the input's dtype and layout, then cuDNN's convolution
-//           backward turns it into grad_input and grad_weight.
+//   pass 2 (training only; tile kernel, kGradOutW): recompute y, form g_hat
+//           in registers and reduce the weight gradient sum g_hat * x from it
+//           on tensor cores into per-block partials (summed by
+//           reduce_weight_grad_kernel in a fixed order); g_hat is written (in
+//           the input's dtype and layout) only when grad_input is wanted, which
+//           cuDNN's convolution backward (data) computes from it. Shapes whose
+//           K is too wide for the fused weight gradient use kGradOut (write
+//           g_hat) and cuDNN for both gradients.
 //   eval:   g_hat = k*g needs no pass 2: grad_input = conv_transpose(g; k*W)
 //           and grad_weight = k * (the weight gradient of g), both from cuDNN.
 //
@@ -77,6 +82,24 @@ __global__ void finalize_grad_kernel(const float* __restrict__ partials, int gri
   rows[kCoef1 * c_out + c] = static_cast<float>(c1);
 }
 
+// grad_weight[co][ci][r] = sum over the blocks (in order, float64) of the kGradOutW
+// partials [c_blocks][grid_x][bn][k8] at GEMM column k = r*c_in + ci.
+__global__ void reduce_weight_grad_kernel(const float* __restrict__ partials, int grid_x, int bn,
+                                          int k8, int c_out, int c_in, int taps,
+                                          float* __restrict__ grad_weight) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t k_total = static_cast<int64_t>(c_in) * taps;
+  if (i >= c_out * k_total) return;
+  const int co = static_cast<int>(i / k_total);
+  const int rem = static_cast<int>(i % k_total);
+  const int ci = rem / taps, r = rem % taps;
+  const int cb = co / bn, cl = co % bn;
+  const float* p = partials + (static_cast<int64_t>(cb) * grid_x * bn + cl) * k8 + r * c_in + ci;
+  double sum = 0;
+  for (int b = 0; b < grid_x; ++b) sum += p[static_cast<int64_t>(b) * bn * k8];
+  grad_weight[i] = static_cast<float>(sum);
+}
+
 at::Tensor per_out_channel_view(const at::Tensor& t) { return t.view({-1, 1, 1, 1}); }
 
 }  // namespace
@@ -132,14 +155,41 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
   at::Tensor grad_weight = at::empty({0}, weight.options());
   if (input_weight_mask[0] || input_weight_mask[1]) {
     if (training) {
-      at::Tensor g_hat = at::empty({s.n, s.c_out, s.h_out, s.w_out},
-                                   input.options().memory_format(format));
       terms.coef_g = rows[kCoefG].const_data_ptr<float>();
       terms.coef_y = rows[kCoefY].const_data_ptr<float>();
       terms.coef_1 = rows[kCoef1].const_data_ptr<float>();
-      run_tile_kernel<TileMode::kGradOut>(s, x, w, BnFold{}, terms, g_hat, nullptr);
-      std::tie(grad_input, grad_weight) =
-          conv_backward(g_hat, input, weight, conv, format, input_weight_mask);
+      const bool fuse_weight_grad =
+          input_weight_mask[1] && weight_grad_fusable(s, input.scalar_type());
+      at::Tensor g_hat;  // stays undefined when only the fused weight gradient needs it
+      if (input_weight_mask[0] || !fuse_weight_grad) {
+        g_hat = at::empty({s.n, s.c_out, s.h_out, s.w_out}, input.options().memory_format(format));
+      }
+      if (fuse_weight_grad) {
+        const Launch plan = run_tile_kernel<TileMode::kGradOutW>(s, x, w, BnFold{}, terms, g_hat,
+                                                                 nullptr, /*dry_run=*/true);
+        const int bn = 8 * n_tiles_for(s.c_out), k8 = 8 * s.k_steps;
+        at::Tensor w_partials = at::empty(
+            {static_cast<int64_t>(plan.grid.y) * plan.grid.x * bn * k8}, input.options().dtype(at::kFloat));
+        const Launch run = run_tile_kernel<TileMode::kGradOutW>(
+            s, x, w, BnFold{}, terms, g_hat, w_partials.mutable_data_ptr<float>());
+        TORCH_INTERNAL_ASSERT(run.grid.x == plan.grid.x && run.grid.y == plan.grid.y);
+        at::Tensor grad_weight_f = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
+        const int64_t elements = grad_weight_f.numel();
+        constexpr int kBlock = 256;
+        reduce_weight_grad_kernel<<<static_cast<unsigned>((elements + kBlock - 1) / kBlock), kBlock,
+                                    0, c10::cuda::getCurrentCUDAStream()>>>(
+            w_partials.const_data_ptr<float>(), static_cast<int>(run.grid.x), bn, k8, s.c_out,
+            s.c_in, s.kh * s.kw, grad_weight_f.mutable_data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        grad_weight = grad_weight_f.to(weight.scalar_type());
+        if (input_weight_mask[0]) {
+          grad_input = conv_backward(g_hat, input, weight, conv, format, {true, false}).first;
+        }
+      } else {
+        run_tile_kernel<TileMode::kGradOut>(s, x, w, BnFold{}, terms, g_hat, nullptr);
+        std::tie(grad_input, grad_weight) =
+            conv_backward(g_hat, input, weight, conv, format, input_weight_mask);
+      }
     } else {
       // g_hat = k*g is linear in g: fold k into the weight for grad_input and
       // scale the weight gradient of g per output channel.

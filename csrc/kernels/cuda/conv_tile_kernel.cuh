@@ -63,7 +63,22 @@ enum class TileMode : int {
   kGradStats,  // per-block sums of g, g*(y - ctr), y - ctr (backward, pass 1)
   kGradOut,    // out = A[c]*g + C[c]*(y - ctr) + D[c], the gradient at the conv
                // output (training backward, pass 2)
+  kGradOutW,   // kGradOut (out may be null: not written) plus per-block partials
+               // of the weight gradient sum_p g_hat[c][p] * x(p, k)
 };
+
+// Weight-gradient GEMM of kGradOutW, per tile: M = the block's kBN channels
+// (m16 fragments), N = K (n8 fragments, the conv's k-steps), reduced over the
+// tile's kTileH*kTileW pixels (k8 steps). Warp w owns m16 fragment
+// w / warps_per_m and n8 fragments w % warps_per_m + warps_per_m*i for
+// i < kDwFrags; the host only fuses shapes whose K fits (weight_grad_fusable).
+// All kDwFrags fragments are computed (fragments past K read valid patch words
+// and are not written): a fixed count keeps the loads and MMAs of different
+// fragments free to interleave. 9 fits the reference problem's K = 72 exactly.
+constexpr int kDwFrags = 9;
+// Words between channel rows of the staged g_hat tile: = 4 (mod 32), so an A
+// fragment load (8 channels g x 4 pixels t) hits 32 distinct banks.
+constexpr int kGhatStride = kTileH * kTileW + 4;
 
 // The backward's inputs beyond x and w, all per channel [C_out] in float32
 // except grad. ctr = mean - bias centres y on the saved statistics, so the
@@ -154,10 +169,11 @@ struct SmemLayout {
   // traffic; fp16/bf16 patches are staged through registers one tile ahead.
   static constexpr int kStages = kSplit == 3 ? 4 : 2;
   int b_frag, k_off, coef_a, coef_d, coef_c, coef_e, stat_n, stat_mean, stat_m2, stat_x, in_tile;
+  int g_hat;  // kGradOutW: the tile's g_hat, [kBN][kGhatStride] floats
   int plane_stride;  // words between channel planes of the patch: = 8 (mod 32)
   int tile_stride;   // words between the patch buffers of the ring
   int total;
-  __host__ __device__ SmemLayout(const ConvShape& s) {
+  __host__ __device__ SmemLayout(const ConvShape& s, bool weight_grad) {
     b_frag = 0;
     k_off = b_frag + s.k_steps * kNT * 32 * kBVec;
     coef_a = k_off + s.k_steps * 8;
@@ -172,7 +188,8 @@ struct SmemLayout {
     const int plane = s.in_tile_h * s.in_tile_w;
     plane_stride = plane + ((8 - plane) % 32 + 32) % 32;
     tile_stride = (s.c_in * plane_stride + 3) & ~3;
-    total = in_tile + kStages * tile_stride;
+    g_hat = in_tile + kStages * tile_stride;
+    total = g_hat + (weight_grad ? kBN * kGhatStride : 0);
   }
 };
 
@@ -316,19 +333,25 @@ __device__ __forceinline__ float load_grad(const __nv_bfloat16* p) {
 //   kGradStats: writes per-block (sum g, sum g*(y - ctr), sum (y - ctr)) per
 //               channel to partials[grid.y][grid.x][kBN][3].
 //   kGradOut  : writes out = A[c]*g + C[c]*(y - ctr) + D[c].
+//   kGradOutW : kGradOut (unless out is null), and writes the block's weight-gradient
+//               partials sum g_hat[c][p] * x(p, k) to partials[grid.y][grid.x][kBN][K8]
+//               (K8 = 8*k_steps, GEMM order k = (kr*kw + kq)*c_in + ci).
 // kSplit: 3 = 3xTF32 (float32-accurate), 1 = one TF32 MMA (exact for fp16/bf16).
 template <typename T, int kNT, int kSplit, TileMode kMode>
-__global__ void __launch_bounds__(kThreads, (kMode != TileMode::kApply || kSplit == 3) ? 3 : 4)
+__global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW                     ? 2
+                                            : (kMode != TileMode::kApply || kSplit == 3) ? 3
+                                                                                         : 4)
     conv_tile_kernel(const T* __restrict__ x, const T* __restrict__ w, ConvShape s, BnFold f,
                      GradTerms gt, T* __restrict__ out, float* __restrict__ partials) {
   constexpr bool kStats = kMode == TileMode::kStats;
   constexpr bool kGradStats = kMode == TileMode::kGradStats;
-  constexpr bool kGradOut = kMode == TileMode::kGradOut;
+  constexpr bool kWeightGrad = kMode == TileMode::kGradOutW;
+  constexpr bool kGradOut = kMode == TileMode::kGradOut || kWeightGrad;
   using L = SmemLayout<kNT, kSplit>;
   constexpr int kBN = L::kBN;
   constexpr int kBVec = L::kBVec;
   extern __shared__ __align__(16) float smem[];
-  const L lay(s);
+  const L lay(s, kWeightGrad);
   float* b_frag = smem + lay.b_frag;
   int* k_off = reinterpret_cast<int*>(smem + lay.k_off);
   float* coef_a = smem + lay.coef_a;
@@ -336,6 +359,7 @@ __global__ void __launch_bounds__(kThreads, (kMode != TileMode::kApply || kSplit
   float* coef_c = smem + lay.coef_c;
   float* coef_e = smem + lay.coef_e;
   float* patches = smem + lay.in_tile;
+  float* g_hat = smem + lay.g_hat;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -434,6 +458,15 @@ __global__ void __launch_bounds__(kThreads, (kMode != TileMode::kApply || kSplit
       for (int p = 0; p < 2; ++p) gs_g[j][p] = gs_gy[j][p] = gs_y[j][p] = 0.f;
   }
   const T* __restrict__ grad = static_cast<const T*>(gt.grad);
+
+  // kGradOutW: this warp's weight-gradient fragments, accumulated over all its tiles.
+  constexpr int kWarpsPerM = kWarps / (kBN / 16);
+  const int dw_m = warp / kWarpsPerM, dw_n0 = warp % kWarpsPerM;
+  float dw[kDwFrags][4];
+  if constexpr (kWeightGrad) {
+#pragma unroll
+    for (int i = 0; i < kDwFrags; ++i) dw[i][0] = dw[i][1] = dw[i][2] = dw[i][3] = 0.f;
+  }
 
   const PatchWalk walk(s);
   PatchStager<T> stager;
@@ -609,6 +642,15 @@ __global__ void __launch_bounds__(kThreads, (kMode != TileMode::kApply || kSplit
           }
         }
       }
+    } else if (kWeightGrad && !row_ok) {
+      // Rows past the output contribute nothing to the weight gradient.
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int p = 0; p < 2; ++p)
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            g_hat[(j * 8 + 2 * t + p) * kGhatStride + warp * kTileW + g + 8 * q] = 0.f;
     } else if (row_ok) {
       // Element offsets (in out, and in grad_out, which has the same layout) of
       // channel slot c and pixel column g + 8q of this row.
@@ -648,8 +690,12 @@ __global__ void __launch_bounds__(kThreads, (kMode != TileMode::kApply || kSplit
             } else {
               v[p][q] = fmaf(coef_a[c], y, coef_d[c]);
             }
+            if constexpr (kWeightGrad) {
+              g_hat[c * kGhatStride + warp * kTileW + g + 8 * q] = ok[p][q] ? v[p][q] : 0.f;
+            }
           }
         }
+        if (kWeightGrad && out == nullptr) continue;  // only the weight gradient is wanted
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           if (s.channels_last && (s.c_out & 1) == 0) {
@@ -683,9 +729,85 @@ __global__ void __launch_bounds__(kThreads, (kMode != TileMode::kApply || kSplit
         }
       }
     }
+
+    if constexpr (kWeightGrad) {
+      __syncthreads();  // g_hat of the whole tile is staged
+      // A = g_hat [channel][pixel] (float32, split big + small), B = the patch
+      // value of pixel p at GEMM index k (3xTF32 for float32; fp16/bf16 inputs are
+      // exact in TF32, so two MMAs keep g_hat float32-accurate). The tile's 128
+      // products go to fresh accumulators, added to the running ones with IEEE
+      // float adds: tensor-core accumulation truncates, and its bias would grow
+      // with the thousands of pixels a block sums.
+      int ko[kDwFrags];
+#pragma unroll
+      for (int i = 0; i < kDwFrags; ++i) {
+        const int nf = dw_n0 + kWarpsPerM * i;
+        ko[i] = nf < s.k_steps ? k_off[nf * 8 + g] : 0;
+      }
+      float tw[kDwFrags][4];
+#pragma unroll
+      for (int i = 0; i < kDwFrags; ++i) tw[i][0] = tw[i][1] = tw[i][2] = tw[i][3] = 0.f;
+      const float* gh_row = g_hat + (dw_m * 16 + g) * kGhatStride + t;
+#pragma unroll 1
+      for (int row = 0; row < kTileH; ++row) {
+        const int row_off = row * s.stride_h * s.in_tile_w + t * s.stride_w;
+#pragma unroll
+        for (int cq = 0; cq < kTileW / 8; ++cq) {
+          // Pixels (row, cq*8 + t) and (row, cq*8 + t + 4) of the tile.
+          const float* gh = gh_row + row * kTileW + cq * 8;
+          const float av[4] = {gh[0], gh[8 * kGhatStride], gh[4], gh[8 * kGhatStride + 4]};
+          uint32_t a_big[4], a_small[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) split_tf32(av[e], a_big[e], a_small[e]);
+          const float* p0 = patch + row_off + cq * 8 * s.stride_w;
+          const float* p1 = p0 + 4 * s.stride_w;
+          // All B values first, then the MMAs term-major (small terms first): the
+          // kDwFrags accumulators are independent, so consecutive MMAs don't wait
+          // on each other.
+          uint32_t b_big[kDwFrags][2], b_small[kDwFrags][2];
+#pragma unroll
+          for (int i = 0; i < kDwFrags; ++i) {
+            const float b0 = p0[ko[i]], b1 = p1[ko[i]];
+            if constexpr (kSplit == 3) {
+              split_tf32(b0, b_big[i][0], b_small[i][0]);
+              split_tf32(b1, b_big[i][1], b_small[i][1]);
+            } else {
+              b_big[i][0] = __float_as_uint(b0);
+              b_big[i][1] = __float_as_uint(b1);
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < kDwFrags; ++i) mma_tf32(tw[i], a_small, b_big[i][0], b_big[i][1]);
+          if constexpr (kSplit == 3) {
+#pragma unroll
+            for (int i = 0; i < kDwFrags; ++i) mma_tf32(tw[i], a_big, b_small[i][0], b_small[i][1]);
+          }
+#pragma unroll
+          for (int i = 0; i < kDwFrags; ++i) mma_tf32(tw[i], a_big, b_big[i][0], b_big[i][1]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kDwFrags; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dw[i][e] += tw[i][e];
+    }
     __syncthreads();  // the patch buffer of this tile is refilled by the next prefetch
   }
   cp_async_wait<0>();
+
+  if constexpr (kWeightGrad) {
+    // d0, d1 = dW[dw_m*16 + g][nf*8 + 2t, +1]; d2, d3 = the same for channel + 8.
+    const int k8 = s.k_steps * 8;
+    float* dst = partials + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kBN * k8;
+#pragma unroll
+    for (int i = 0; i < kDwFrags; ++i) {
+      const int nf = dw_n0 + kWarpsPerM * i;
+      if (nf >= s.k_steps) break;
+      const int c = dw_m * 16 + g, k = nf * 8 + 2 * t;
+      *reinterpret_cast<float2*>(dst + c * k8 + k) = make_float2(dw[i][0], dw[i][1]);
+      *reinterpret_cast<float2*>(dst + (c + 8) * k8 + k) = make_float2(dw[i][2], dw[i][3]);
+    }
+  }
 
   if constexpr (kStats) {
     // Merge the slots across the 8 lanes (g) that share t, then across warps.

@@ -5,14 +5,16 @@
 namespace fused_conv::cuda {
 namespace {
 
-size_t smem_bytes_for(const ConvShape& s, int nt, int split) {
-  // The layout only depends on kBVec (split >= 2) and kNT.
+size_t smem_bytes_for(const ConvShape& s, int nt, int split, bool weight_grad) {
+  // The layout only depends on kBVec (split >= 2), kNT and the g_hat tile.
   if (split >= 2) {
-    return nt == 2   ? tile_smem_bytes<2, 3>(s)
-           : nt == 4 ? tile_smem_bytes<4, 3>(s)
-                     : tile_smem_bytes<8, 3>(s);
+    return nt == 2   ? tile_smem_bytes<2, 3>(s, weight_grad)
+           : nt == 4 ? tile_smem_bytes<4, 3>(s, weight_grad)
+                     : tile_smem_bytes<8, 3>(s, weight_grad);
   }
-  return nt == 2 ? tile_smem_bytes<2, 1>(s) : nt == 4 ? tile_smem_bytes<4, 1>(s) : tile_smem_bytes<8, 1>(s);
+  return nt == 2   ? tile_smem_bytes<2, 1>(s, weight_grad)
+         : nt == 4 ? tile_smem_bytes<4, 1>(s, weight_grad)
+                   : tile_smem_bytes<8, 1>(s, weight_grad);
 }
 
 int split_for(at::ScalarType dtype) { return dtype == at::kFloat ? 3 : 1; }
@@ -70,8 +72,19 @@ std::optional<ConvShape> make_tile_shape(const at::Tensor& input, const at::Tens
   s.tiles = s.n * s.tiles_h * s.tiles_w;
   s.channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const int nt = n_tiles_for(s.c_out);
-  if (smem_bytes_for(s, nt, split_for(dtype)) > kMaxSmemBytes) return std::nullopt;
+  if (smem_bytes_for(s, nt, split_for(dtype), false) > kMaxSmemBytes) return std::nullopt;
   return s;
+}
+
+bool weight_grad_fusable(const ConvShape& s, at::ScalarType dtype) {
+  // float32 only: for fp16/bf16, cuDNN's weight gradient of the written g_hat is
+  // cheaper (H100, reference problem: kGradOut 0.42 ms + cuDNN 0.18 ms against
+  // kGradOutW 1.25 ms; float32: 0.79 + 1.41 ms against 1.54 ms).
+  if (dtype != at::kFloat) return false;
+  const int nt = n_tiles_for(s.c_out);
+  const int warps_per_m = kWarps / (nt / 2);  // the block's kBN = 8*nt channels in m16 fragments
+  return (s.k_steps + warps_per_m - 1) / warps_per_m <= kDwFrags &&
+         smem_bytes_for(s, nt, split_for(dtype), true) <= kMaxSmemBytes;
 }
 
 at::Tensor reduction_partials(const ConvShape& s, const at::Tensor& like) {

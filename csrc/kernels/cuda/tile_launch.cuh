@@ -39,6 +39,12 @@ inline at::MemoryFormat format_of(const ConvShape& s) {
   return s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// Whether kGradOutW covers the shape: float32 (measured faster there only),
+// each warp's share of the K = C_in*kh*kw columns of the weight gradient fits
+// its kDwFrags accumulator fragments, and the staged g_hat tile fits in shared
+// memory. Else the weight gradient comes from cuDNN (kGradOut writes g_hat).
+bool weight_grad_fusable(const ConvShape& s, at::ScalarType dtype);
+
 // Partials buffer of a reduction pass (kStats, kGradStats): [c_blocks][grid][kBN][3]
 // floats for the largest grid a launch picks (a block of 128 threads can't have
 // more than 16 resident per multiprocessor).
@@ -54,15 +60,16 @@ struct Launch {
 };
 
 template <int kNT, int kSplit>
-size_t tile_smem_bytes(const ConvShape& s) {
-  return static_cast<size_t>(SmemLayout<kNT, kSplit>(s).total) * sizeof(float);
+size_t tile_smem_bytes(const ConvShape& s, bool weight_grad) {
+  return static_cast<size_t>(SmemLayout<kNT, kSplit>(s, weight_grad).total) * sizeof(float);
 }
 
 template <typename T, int kNT, int kSplit, TileMode kMode>
 Launch launch_tile_kernel(const ConvShape& s, const T* x, const T* w, const BnFold& fold,
-                          const GradTerms& gt, T* out, float* partials, cudaStream_t stream) {
+                          const GradTerms& gt, T* out, float* partials, cudaStream_t stream,
+                          bool dry_run) {
   auto kernel = conv_tile_kernel<T, kNT, kSplit, kMode>;
-  const size_t smem = tile_smem_bytes<kNT, kSplit>(s);
+  const size_t smem = tile_smem_bytes<kNT, kSplit>(s, kMode == TileMode::kGradOutW);
   static bool attribute_set = false;  // per instantiation
   if (!attribute_set) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -80,18 +87,21 @@ Launch launch_tile_kernel(const ConvShape& s, const T* x, const T* w, const BnFo
   const int grid_x = static_cast<int>(
       std::clamp<int64_t>(resident / c_blocks, 1, std::min<int64_t>(s.tiles, 1 << 30)));
   const dim3 grid(grid_x, static_cast<unsigned>(c_blocks));
-  kernel<<<grid, kThreads, smem, stream>>>(x, w, s, fold, gt, out, partials);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!dry_run) {
+    kernel<<<grid, kThreads, smem, stream>>>(x, w, s, fold, gt, out, partials);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {grid, smem};
 }
 
 // One launch of the tile kernel in mode kMode on the current stream. x and w in
 // the input's dtype (x in the layout s.channels_last names, w contiguous), out
-// likewise (or undefined for the reduction modes).
+// likewise (or undefined for the reduction modes). dry_run: only the geometry
+// the launch would use (to size partials exactly).
 template <TileMode kMode>
 Launch run_tile_kernel(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
                        const BnFold& fold, const GradTerms& gt, const at::Tensor& out,
-                       float* partials) {
+                       float* partials, bool dry_run = false) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Launch launch{};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_conv_tile", [&] {
@@ -100,6 +110,8 @@ Launch run_tile_kernel(const ConvShape& s, const at::Tensor& x, const at::Tensor
                                                     __nv_bfloat16, scalar_t>>;
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "fused_conv: the CUDA tile kernel has no float64 variant");
+    } else if constexpr (kMode == TileMode::kGradOutW && !std::is_same_v<scalar_t, float>) {
+      TORCH_CHECK(false, "fused_conv: the fused weight gradient is float32 only (weight_grad_fusable)");
     } else {
       constexpr int kSplit = sizeof(T) == 4 ? 3 : 1;
       const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
@@ -107,13 +119,16 @@ Launch run_tile_kernel(const ConvShape& s, const at::Tensor& x, const at::Tensor
       T* op = out.defined() ? reinterpret_cast<T*>(out.mutable_data_ptr()) : nullptr;
       switch (n_tiles_for(s.c_out)) {
         case 2:
-          launch = launch_tile_kernel<T, 2, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream);
+          launch = launch_tile_kernel<T, 2, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream,
+                                                                  dry_run);
           break;
         case 4:
-          launch = launch_tile_kernel<T, 4, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream);
+          launch = launch_tile_kernel<T, 4, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream,
+                                                                  dry_run);
           break;
         default:
-          launch = launch_tile_kernel<T, 8, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream);
+          launch = launch_tile_kernel<T, 8, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream,
+                                                                  dry_run);
       }
     }
   });
