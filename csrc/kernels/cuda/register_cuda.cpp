@@ -2,8 +2,8 @@
 //
 // Forwards: the tensor-core tile kernel (conv_bn_forward.h) where it covers
 // the configuration (tile_kernel_supports: docs/DESIGN.md, "Dispatch"), else
-// the device-generic ATen path (kernels/common/conv_bn_aten.h: fold + cuDNN
-// for eval, cuDNN conv + ATen reductions for training).
+// the fallback (conv_bn_fallback.h: fold + cuDNN for eval; cuDNN conv, ATen
+// reductions and an in-place normalise for training).
 // Running-statistics update: one CUDA launch (running_stats_update.cu).
 // Backward: the tile kernel's reductions and gradient at the conv output, then
 // cuDNN's convolution backward (conv_bn_backward.h), where the tile kernel
@@ -18,6 +18,7 @@
 #include "kernels/common/conv_bn_aten.h"
 #include "kernels/common/conv_bn_checks.h"
 #include "kernels/cuda/conv_bn_backward.h"
+#include "kernels/cuda/conv_bn_fallback.h"
 #include "kernels/cuda/conv_bn_forward.h"
 #include "kernels/cuda/running_stats_update.h"
 
@@ -42,15 +43,15 @@ at::Tensor conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                         int64_t groups) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
-  check_eval_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
-                  scale_tensor, {stride, padding, dilation, groups});
+  const ConvParams conv{stride, padding, dilation, groups};
+  const ConvBnGeometry g = check_eval_args(input, weight, bias, bn_weight, bn_bias, running_mean,
+                                           running_var, eps, scale_tensor, conv);
   if (tile_kernel_supports(input, weight, stride, padding, dilation, groups)) {
     return tile_conv_bn_eval(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                              eps, scale_tensor, scale, stride, padding, dilation);
   }
-  return aten_impl::conv_bn_eval(input, weight, bias, bn_weight, bn_bias, running_mean,
-                                 running_var, eps, scale_tensor, scale, stride, padding, dilation,
-                                 groups);
+  return fallback_conv_bn_eval(input, weight, bias, bn_weight, bn_bias, running_mean,
+                               running_var, eps, scale_tensor, scale, conv, g);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
@@ -59,14 +60,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     double eps, const std::optional<at::Tensor>& scale_tensor, double scale,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
-  check_train_args(input, weight, bias, bn_weight, bn_bias, eps, scale_tensor,
-                   {stride, padding, dilation, groups});
+  const ConvParams conv{stride, padding, dilation, groups};
+  const ConvBnGeometry g =
+      check_train_args(input, weight, bias, bn_weight, bn_bias, eps, scale_tensor, conv);
   if (tile_kernel_supports(input, weight, stride, padding, dilation, groups)) {
     return tile_conv_bn_train(input, weight, bias, bn_weight, bn_bias, eps, scale_tensor, scale,
                               stride, padding, dilation);
   }
-  return aten_impl::conv_bn_train(input, weight, bias, bn_weight, bn_bias, eps, scale_tensor,
-                                  scale, stride, padding, dilation, groups);
+  return fallback_conv_bn_train(input, weight, bias, bn_weight, bn_bias, eps, scale_tensor, scale,
+                                conv, g);
 }
 
 void update_running_stats_(const at::Tensor& running_mean, const at::Tensor& running_var,

@@ -1,0 +1,50 @@
+// The CUDA fallback forwards (conv_bn_fallback.h). Same math and numerics as
+// the device-generic ATen path (kernels/common/conv_bn_aten_forward.cpp), with
+// its chains of [C]-sized ATen ops replaced by one launch each.
+#include "kernels/cuda/conv_bn_fallback.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "kernels/common/bn_fold.h"
+#include "kernels/common/conv_call.h"
+#include "kernels/cuda/bn_fold_cuda.h"
+
+namespace fused_conv::cuda {
+
+at::Tensor fallback_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& bn_weight,
+                                 const std::optional<at::Tensor>& bn_bias,
+                                 const at::Tensor& running_mean, const at::Tensor& running_var,
+                                 double eps, const std::optional<at::Tensor>& scale_tensor,
+                                 double scale, const ConvParams& conv, const ConvBnGeometry& g) {
+  const FoldedConv folded =
+      fold_into_conv_cuda(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                          scale_tensor, scale, g.stats_dtype, g.memory_format);
+  return conv_forward(input, folded.weight, folded.bias, conv, g.memory_format);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fallback_conv_bn_train(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    double eps, const std::optional<at::Tensor>& scale_tensor, double scale,
+    const ConvParams& conv, const ConvBnGeometry& g) {
+  const auto stats_options = input.options().dtype(g.stats_dtype);
+  at::Tensor out = conv_forward(input, weight, bias, conv, g.memory_format);
+  if (g.count == 0) {  // no values: mean 0, var 0 (what an empty batch contributes)
+    return {out, at::zeros({g.out_channels}, stats_options),
+            at::full({g.out_channels}, 1.0 / std::sqrt(eps), stats_options)};
+  }
+  // float16 / bfloat16 outputs are upcast for the reduction (their precision
+  // cannot hold a sum over N*H_out*W_out values), as in the ATen path.
+  const auto [var, mean] = at::var_mean(out.to(g.stats_dtype), {0, 2, 3}, /*correction=*/0,
+                                        /*keepdim=*/false);
+  const BatchAffine affine =
+      batch_affine_cuda(mean, var, eps, bn_weight, bn_bias, scale_tensor, scale);
+  at::addcmul_out(out, per_channel_view(affine.d), out, per_channel_view(affine.a));
+  return {out, mean, affine.invstd};
+}
+
+}  // namespace fused_conv::cuda
