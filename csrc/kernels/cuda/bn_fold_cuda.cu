@@ -19,7 +19,8 @@ struct ChannelParams {
   const S* gamma;
   const S* beta;
   const S* mean;
-  const S* var;
+  const S* var;     // eval: running variance
+  const S* invstd;  // training: batch 1/sqrt(var + eps)
   const S* scale_tensor;
   double scale, eps;
 };
@@ -59,14 +60,12 @@ __global__ void fold_bn_kernel(const W* __restrict__ weight, WeightStrides src, 
 }
 
 template <typename S>
-__global__ void batch_affine_kernel(int64_t channels, ChannelParams<S> p, S* __restrict__ invstd,
-                                    S* __restrict__ a, S* __restrict__ d) {
+__global__ void batch_affine_kernel(int64_t channels, ChannelParams<S> p, S* __restrict__ a,
+                                    S* __restrict__ d) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < channels;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const S s = static_cast<S>(p.scale) * (p.scale_tensor ? p.scale_tensor[0] : S(1));
-    const S inv = S(1) / sqrt(p.var[c] + static_cast<S>(p.eps));
-    const S ac = (p.gamma ? p.gamma[c] : S(1)) * inv * s;
-    invstd[c] = inv;
+    const S ac = (p.gamma ? p.gamma[c] : S(1)) * p.invstd[c] * s;
     a[c] = ac;
     d[c] = s * (p.beta ? p.beta[c] : S(0)) - ac * p.mean[c];
   }
@@ -90,13 +89,13 @@ WeightStrides strides_of(const at::Tensor& t) {
 
 }  // namespace
 
-BatchAffine batch_affine_cuda(const at::Tensor& mean, const at::Tensor& var, double eps,
+BatchAffine batch_affine_cuda(const at::Tensor& mean, const at::Tensor& invstd,
                               const std::optional<at::Tensor>& bn_weight,
                               const std::optional<at::Tensor>& bn_bias,
                               const std::optional<at::Tensor>& scale_tensor, double scale) {
   const at::ScalarType stats_dtype = mean.scalar_type();
   const int64_t channels = mean.numel();
-  BatchAffine out{at::empty_like(mean), at::empty_like(mean), at::empty_like(mean)};
+  BatchAffine out{at::empty_like(mean), at::empty_like(mean)};
   if (channels == 0) return out;
   constexpr int kBlock = 256;
   const int64_t blocks = std::min<int64_t>((channels + kBlock - 1) / kBlock, 65535);
@@ -108,18 +107,16 @@ BatchAffine batch_affine_cuda(const at::Tensor& mean, const at::Tensor& var, dou
     p.beta = ptr_of<S>(bn_bias, keep[1], stats_dtype);
     keep[2] = as_stats(mean, stats_dtype);
     p.mean = keep[2].const_data_ptr<S>();
-    keep[3] = as_stats(var, stats_dtype);
-    p.var = keep[3].const_data_ptr<S>();
+    keep[3] = as_stats(invstd, stats_dtype);
+    p.invstd = keep[3].const_data_ptr<S>();
     if (scale_tensor.has_value() && scale_tensor->defined()) {
       keep[4] = as_stats(scale_tensor->reshape({-1}), stats_dtype);
       p.scale_tensor = keep[4].const_data_ptr<S>();
     }
     p.scale = scale;
-    p.eps = eps;
     batch_affine_kernel<S><<<static_cast<unsigned>(blocks), kBlock, 0,
                              c10::cuda::getCurrentCUDAStream()>>>(
-        channels, p, out.invstd.mutable_data_ptr<S>(), out.a.mutable_data_ptr<S>(),
-        out.d.mutable_data_ptr<S>());
+        channels, p, out.a.mutable_data_ptr<S>(), out.d.mutable_data_ptr<S>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -24,12 +24,12 @@ FoldedConv fold_into_conv_cuda(const at::Tensor& weight, const std::optional<at:
                                double scale, at::ScalarType stats_dtype,
                                at::MemoryFormat memory_format);
 
-// From batch statistics (training): invstd = 1/sqrt(var + eps) and the
-// affine a = s*gamma*invstd, d = s*beta - a*mean, all [C] in mean's dtype.
+// From batch statistics (training): the affine a = s*gamma*invstd,
+// d = s*beta - a*mean, both [C] in mean's dtype.
 struct BatchAffine {
-  at::Tensor invstd, a, d;
+  at::Tensor a, d;
 };
-BatchAffine batch_affine_cuda(const at::Tensor& mean, const at::Tensor& var, double eps,
+BatchAffine batch_affine_cuda(const at::Tensor& mean, const at::Tensor& invstd,
                               const std::optional<at::Tensor>& bn_weight,
                               const std::optional<at::Tensor>& bn_bias,
                               const std::optional<at::Tensor>& scale_tensor, double scale);

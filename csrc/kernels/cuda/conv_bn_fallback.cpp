@@ -37,14 +37,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fallback_conv_bn_train(
     return {out, at::zeros({g.out_channels}, stats_options),
             at::full({g.out_channels}, 1.0 / std::sqrt(eps), stats_options)};
   }
-  // float16 / bfloat16 outputs are upcast for the reduction (their precision
-  // cannot hold a sum over N*H_out*W_out values), as in the ATen path.
-  const auto [var, mean] = at::var_mean(out.to(g.stats_dtype), {0, 2, 3}, /*correction=*/0,
-                                        /*keepdim=*/false);
+  // PyTorch's own BatchNorm statistics kernel: Welford in float32 (float64 for
+  // float64) straight from the output in its dtype and layout (no upcast copy),
+  // giving the batch mean and 1/sqrt(biased var + eps) in the statistics dtype.
+  const auto [mean, invstd] = at::batch_norm_stats(out, eps);
   const BatchAffine affine =
-      batch_affine_cuda(mean, var, eps, bn_weight, bn_bias, scale_tensor, scale);
+      batch_affine_cuda(mean, invstd, bn_weight, bn_bias, scale_tensor, scale);
   at::addcmul_out(out, per_channel_view(affine.d), out, per_channel_view(affine.a));
-  return {out, mean, affine.invstd};
+  return {out, mean, invstd};
 }
 
 }  // namespace fused_conv::cuda

@@ -22,8 +22,8 @@ at::Tensor fallback_conv_bn_eval(const at::Tensor& input, const at::Tensor& weig
                                  double eps, const std::optional<at::Tensor>& scale_tensor,
                                  double scale, const ConvParams& conv, const ConvBnGeometry& g);
 
-// Training: y = conv(x) + b into the output, Welford mean/var over (N, H, W)
-// (at::var_mean), the affine in one launch, then out = a*y + d in place.
+// Training: y = conv(x) + b into the output, Welford mean/invstd over (N, H, W)
+// (at::batch_norm_stats), the affine in one launch, then out = a*y + d in place.
 // Returns (out, mean, invstd) as the conv_bn_train op. `g` is check_train_args'.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fallback_conv_bn_train(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
