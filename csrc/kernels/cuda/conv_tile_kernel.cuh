@@ -707,8 +707,8 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
           for (int q = 0; q < 4; ++q)
             g_hat[(j * 8 + 2 * t + p) * kGhatStride + warp * kTileW + g + 8 * q] = 0.f;
     } else if (row_ok) {
-      // Element offsets (in out, and in grad_out, which has the same layout) of
-      // channel slot c and pixel column g + 8q of this row.
+      // kGradOut / kGradOutW. Element offsets (in out, and in grad_out, which has
+      // the same layout) of channel slot c and pixel column g + 8q of this row.
       const int64_t plane = static_cast<int64_t>(s.h_out) * s.w_out;
       const int64_t pix0 = (tc.n * s.h_out + oh) * s.w_out + tc.ow0 + g;
       const int64_t base0 = tc.n * s.c_out * plane + static_cast<int64_t>(oh) * s.w_out + tc.ow0 + g;
@@ -724,15 +724,13 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
         for (int p = 0; p < 2; ++p)
 #pragma unroll
           for (int q = 0; q < 4; ++q) ok[p][q] = col_ok[q] && c_base + c0 + p < s.c_out;
-        // kGradOut: the eight grad_out values of this slot pair are loaded
-        // together, ahead of the stores (which the compiler may not move loads past).
+        // The eight grad_out values of this slot pair are loaded together, ahead
+        // of the stores (which the compiler may not move loads past).
         float gv[2][4];
-        if constexpr (kGradOut) {
 #pragma unroll
-          for (int p = 0; p < 2; ++p)
+        for (int p = 0; p < 2; ++p)
 #pragma unroll
-            for (int q = 0; q < 4; ++q) gv[p][q] = ok[p][q] ? load_grad(grad + offset(c0 + p, q)) : 0.f;
-        }
+          for (int q = 0; q < 4; ++q) gv[p][q] = ok[p][q] ? load_grad(grad + offset(c0 + p, q)) : 0.f;
         float v[2][4];
 #pragma unroll
         for (int p = 0; p < 2; ++p) {
@@ -740,11 +738,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             const float y = acc[q >> 1][j][(q & 1) * 2 + p];
-            if constexpr (kGradOut) {
-              v[p][q] = fmaf(coef_d[c], gv[p][q], fmaf(coef_c[c], y - coef_a[c], coef_e[c]));
-            } else {
-              v[p][q] = fmaf(coef_a[c], y, coef_d[c]);
-            }
+            v[p][q] = fmaf(coef_d[c], gv[p][q], fmaf(coef_c[c], y - coef_a[c], coef_e[c]));
             if constexpr (kWeightGrad) {
               g_hat[c * kGhatStride + warp * kTileW + g + 8 * q] = ok[p][q] ? v[p][q] : 0.f;
             }
@@ -758,10 +752,10 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
             // 8-byte (fp32) or 4-byte (fp16/bf16) store (aligned: C_out even).
             if (!ok[0][q]) continue;
             const int64_t off = offset(c0, q);
-            if constexpr (kGradOut && std::is_same_v<T, __half>) {
+            if constexpr (std::is_same_v<T, __half>) {
               *reinterpret_cast<__half2*>(out + off) = __halves2half2(
                   round_unbiased<T>(v[0][q], off), round_unbiased<T>(v[1][q], off + 1));
-            } else if constexpr (kGradOut && std::is_same_v<T, __nv_bfloat16>) {
+            } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
               *reinterpret_cast<__nv_bfloat162*>(out + off) = __halves2bfloat162(
                   round_unbiased<T>(v[0][q], off), round_unbiased<T>(v[1][q], off + 1));
             } else {
@@ -775,10 +769,8 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
             const int64_t off = offset(c0 + p, q);
             if constexpr (sizeof(T) == 4) {
               __stcs(reinterpret_cast<float*>(out + off), v[p][q]);  // streamed: never re-read
-            } else if constexpr (kGradOut) {
-              out[off] = round_unbiased<T>(v[p][q], off);
             } else {
-              out[off] = from_float<T>(v[p][q]);
+              out[off] = round_unbiased<T>(v[p][q], off);
             }
           }
         }
