@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/fused_conv_gpu}
 mkdir -p "$OUT"
 steps=${*:-build tests demo bench sanitize}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} FORCE_CUDA=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} FORCE_CUDA=1
 export PYTHONUNBUFFERED=1
 # Build with the system compiler when the machine's default is a wrapper that links
 # libstdc++ statically (seen on the H100 machine: /opt/gcc/bin/g++): a private libstdc++

@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/tf32_mma.cuh"
+#include "kernels/cuda/wgmma_tf32.cuh"
 
 namespace fused_conv::cuda {
 
@@ -365,21 +366,36 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
   const int g = lane >> 2, t = lane & 3;
   const int c_base = blockIdx.y * kBN;
 
-  // ---- prologue: weights in fragment order (b0 = B[t][g], b1 = B[t+4][g]) ----
+  // ---- prologue: the weights, split into TF32 terms, in the MMA's operand layout ----
+  // Weight k of channel n, zero past K and C_out. GEMM order k = (kr*kw + kq)*c_in + ci;
+  // the weight's memory order is (ci, kr, kq).
+  auto weight_at = [&](int n, int k) -> float {
+    if (k >= s.k || n >= s.c_out) return 0.f;
+    const int ci = k % s.c_in, rq = k / s.c_in;
+    return to_float(w[static_cast<int64_t>(n) * s.k + ci * s.kh * s.kw + rq]);
+  };
+#if FUSED_CONV_WGMMA
+  // wgmma: one K-major array per term (big, then small), laid out as
+  // wgmma_tf32.cuh describes: word i is k-step i / (8*kBN), k-half, channel, k % 4.
+  const int b_words = s.k_steps * kBN * 8;
+  for (int i = threadIdx.x; i < b_words; i += kThreads) {
+    const int ks = i / (kBN * 8), kc = (i / (kBN * 4)) & 1;
+    const float v = weight_at(c_base + ((i % (kBN * 4)) >> 2), ks * 8 + kc * 4 + (i & 3));
+    if constexpr (kSplit >= 2) {
+      uint32_t big, small;
+      split_tf32(v, big, small);
+      b_frag[i] = __uint_as_float(big);
+      b_frag[b_words + i] = __uint_as_float(small);
+    } else {
+      b_frag[i] = __uint_as_float(to_tf32(v));
+    }
+  }
+#else
+  // mma.sync: fragment order (b0 = B[t][g], b1 = B[t+4][g]), one 16-byte load per n8 fragment.
   for (int i = threadIdx.x; i < s.k_steps * kNT * 32; i += kThreads) {
     const int fl = i & 31, j = (i >> 5) % kNT, ks = (i >> 5) / kNT;
     const int n = c_base + j * 8 + (fl >> 2);
-    float v[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int k = ks * 8 + (fl & 3) + 4 * r;  // GEMM order: k = (kr*kw + kq)*c_in + ci
-      float value = 0.f;
-      if (k < s.k && n < s.c_out) {
-        const int ci = k % s.c_in, rq = k / s.c_in;  // weight memory order is (ci, kr, kq)
-        value = to_float(w[static_cast<int64_t>(n) * s.k + ci * s.kh * s.kw + rq]);
-      }
-      v[r] = value;
-    }
+    const float v[2] = {weight_at(n, ks * 8 + (fl & 3)), weight_at(n, ks * 8 + (fl & 3) + 4)};
     float* dst = b_frag + i * kBVec;
     if constexpr (kSplit >= 2) {
       uint32_t big, small;
@@ -394,6 +410,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
       dst[1] = __uint_as_float(to_tf32(v[1]));
     }
   }
+#endif
   // k -> offset of (kr, kq, ci) inside the staged patch. With ci fastest in k and
   // a channel-plane stride of 8 (mod 32) words, the four k of one A load (t) hit
   // banks 8 apart while g walks 8 consecutive ones: conflict-free for c_in >= 4.
@@ -519,6 +536,59 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
     };
     float a_val[2][4];
     load_a(0, a_val);
+#if FUSED_CONV_WGMMA
+    // Per k-step: split the gathered A (registers), then 2 (m64 halves: this
+    // warp's columns g, g+8 | g+16, g+24) x kSplit wgmmas against the staged
+    // weights, small terms first. A alternates between two register sets so the
+    // warps split step ks+1 while step ks's MMAs run: wait_group<1> after each
+    // commit retires step ks-1, the last reader of the set step ks+1 overwrites.
+    wgmma_fence();  // the zeroed accumulators
+    {
+      const uint64_t desc_big = wgmma_desc_k_major(b_frag, kBN * 16, 128);
+      const uint64_t desc_small = desc_big + ((b_words * 4) >> 4);
+      uint32_t a_big[2][2][4], a_small[2][2][4];  // [register set][m64 half][fragment]
+      auto mma_step = [&](int ks, uint32_t(&big)[2][4], uint32_t(&small)[2][4]) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if constexpr (kSplit == 3) {
+              split_tf32(a_val[mt][e], big[mt][e], small[mt][e]);
+            } else {
+              big[mt][e] = to_tf32(a_val[mt][e]);
+            }
+          }
+        }
+        load_a(ks + 1 < s.k_steps ? ks + 1 : ks, a_val);
+        wgmma_fence();
+        const uint64_t step = static_cast<uint64_t>(ks) * ((kBN * 32) >> 4);  // bytes >> 4
+        if constexpr (kSplit == 3) {
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) wgmma_tf32<kNT>(acc[mt], small[mt], desc_big + step);
+        }
+        if constexpr (kSplit >= 2) {
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) wgmma_tf32<kNT>(acc[mt], big[mt], desc_small + step);
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) wgmma_tf32<kNT>(acc[mt], big[mt], desc_big + step);
+        wgmma_commit();
+        wgmma_wait<1>();
+      };
+#pragma unroll 1
+      for (int ks = 0; ks < s.k_steps; ks += 2) {
+        mma_step(ks, a_big[0], a_small[0]);
+        if (ks + 1 < s.k_steps) mma_step(ks + 1, a_big[1], a_small[1]);
+      }
+      wgmma_wait<0>();
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) wgmma_fence_operand(acc[mt][j][e]);
+    }
+#else
 #pragma unroll 1
     for (int ks = 0; ks < s.k_steps; ++ks) {
       uint32_t a_big[2][4], a_small[2][4];
@@ -574,6 +644,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
           for (int mt = 0; mt < 2; ++mt) mma_tf32(acc[mt][j0 + jj], a_big[mt], b[jj][0], b[jj][1]);
       }
     }
+#endif
 
     if (next < s.tiles) stager.finish(s, walk, tile_coord(s, next), lay.plane_stride, next_patch);
 
