@@ -542,6 +542,11 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
     // weights, small terms first. A alternates between two register sets so the
     // warps split step ks+1 while step ks's MMAs run: wait_group<1> after each
     // commit retires step ks-1, the last reader of the set step ks+1 overwrites.
+    // The register operands of an MMA in flight must keep their registers until
+    // the wait that retires it: wgmma_fence_operand after that wait keeps them
+    // live (without it the compiler may load the next A into them; seen on
+    // fp16/bf16, where A needs no conversion instruction).
+    wgmma_fence_accumulators(acc);
     wgmma_fence();  // the zeroed accumulators
     {
       const uint64_t desc_big = wgmma_desc_k_major(b_frag, kBN * 16, 128);
@@ -555,7 +560,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
             if constexpr (kSplit == 3) {
               split_tf32(a_val[mt][e], big[mt][e], small[mt][e]);
             } else {
-              big[mt][e] = to_tf32(a_val[mt][e]);
+              big[mt][e] = __float_as_uint(a_val[mt][e]);  // fp16/bf16 values: exact in TF32
             }
           }
         }
@@ -575,18 +580,23 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
         wgmma_commit();
         wgmma_wait<1>();
       };
+      auto retire = [&](uint32_t(&big)[2][4], uint32_t(&small)[2][4]) {
+        wgmma_fence_operands(big);
+        if constexpr (kSplit >= 2) wgmma_fence_operands(small);
+      };
 #pragma unroll 1
       for (int ks = 0; ks < s.k_steps; ks += 2) {
         mma_step(ks, a_big[0], a_small[0]);
-        if (ks + 1 < s.k_steps) mma_step(ks + 1, a_big[1], a_small[1]);
+        retire(a_big[1], a_small[1]);  // step ks-1's set
+        if (ks + 1 < s.k_steps) {
+          mma_step(ks + 1, a_big[1], a_small[1]);
+          retire(a_big[0], a_small[0]);  // step ks's set
+        }
       }
       wgmma_wait<0>();
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int j = 0; j < kNT; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) wgmma_fence_operand(acc[mt][j][e]);
+      retire(a_big[0], a_small[0]);
+      retire(a_big[1], a_small[1]);
+      wgmma_fence_accumulators(acc);
     }
 #else
 #pragma unroll 1

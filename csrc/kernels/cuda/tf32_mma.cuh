@@ -18,9 +18,18 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 }
 
 // big/small halves of the 3xTF32 split, as the bit patterns the MMA consumes.
+// It sits in the conv's inner loop, so it is three integer/float instructions
+// rather than two cvt.rna.tf32 (each emulated on sm_90 with an Inf test):
+//   big   = x rounded to TF32 (nearest, ties away) by adding half of the dropped
+//           13-bit field and masking it off;
+//   small = x - big, exact in float32 and passed unrounded: the tensor core reads
+//           only the top 19 bits of a TF32 operand, i.e. truncates small, an error
+//           below 2^-10 * |small| <= 2^-21 * |x|.
+// Inf and NaN still reach the result: x = Inf gives big = Inf; a NaN gives a NaN
+// in big or, where the carry wraps its pattern (0x7fffffff), in small.
 __device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
-  big = to_tf32(x);
-  small = to_tf32(x - __uint_as_float(big));
+  big = (__float_as_uint(x) + 0x1000u) & 0xFFFFE000u;
+  small = __float_as_uint(x - __uint_as_float(big));
 }
 
 // D += A(16x8, row) * B(8x8, col), fp32 accumulate. Fragment ownership, with

@@ -55,10 +55,31 @@ template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
-// Keeps the compiler from moving reads of a register the asynchronous MMA
-// writes across the wait that completes it.
+// Pins registers the asynchronous MMA reads or writes at this point of the
+// program: placed after the wait that retires the MMA, it keeps the compiler
+// from reusing its A registers for other values (or moving accumulator reads)
+// before the hardware is done with them.
 __device__ __forceinline__ void wgmma_fence_operand(float& r) {
   asm volatile("" : "+f"(r)::"memory");
+}
+__device__ __forceinline__ void wgmma_fence_operand(uint32_t& r) {
+  asm volatile("" : "+r"(r)::"memory");
+}
+template <int kM, int kN>
+__device__ __forceinline__ void wgmma_fence_operands(uint32_t (&r)[kM][kN]) {
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int j = 0; j < kN; ++j) wgmma_fence_operand(r[i][j]);
+}
+template <int kM, int kN, int kE>
+__device__ __forceinline__ void wgmma_fence_accumulators(float (&r)[kM][kN][kE]) {
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int j = 0; j < kN; ++j)
+#pragma unroll
+      for (int e = 0; e < kE; ++e) wgmma_fence_operand(r[i][j][e]);
 }
 
 template <int kNT>
