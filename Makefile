@@ -70,7 +70,7 @@ wheel: $(DEPS_STAMP)
 	ls -l dist/fused_conv-*.whl
 
 # One GPU architecture keeps the CI build short; override with TORCH_CUDA_ARCH_LIST=...
-test: export TORCH_CUDA_ARCH_LIST ?= 9.0
+test: export TORCH_CUDA_ARCH_LIST ?= 9.0a
 test: $(DEPS_STAMP)
 	$(call step,ruff)
 	$(VENV_BIN)/ruff check $(LINT_PATHS)

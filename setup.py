@@ -9,7 +9,7 @@ Environment:
                         CUDA_PATH, nvcc on PATH, /usr/local/cuda). Never decided by whether a GPU
                         is visible (torch.cuda.is_available()): build machines often have none.
   CUDA_HOME             the CUDA toolkit to use.
-  TORCH_CUDA_ARCH_LIST  GPU architectures to compile for; default "8.0;8.6;8.9;9.0+PTX".
+  TORCH_CUDA_ARCH_LIST  GPU architectures to compile for; default "8.0;8.6;8.9+PTX;9.0a".
   MAX_JOBS              parallel compile jobs.
 """
 
@@ -32,7 +32,7 @@ os.chdir(ROOT)  # sources must be relative paths; pip already runs us from here
 
 PACKAGE = "fused_conv"
 BUILD_INFO_FILE = "_build_info.json"
-DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9+PTX;9.0a"
 
 ALWAYS_SOURCES = ["csrc/bindings/*.cpp", "csrc/kernels/common/*.cpp", "csrc/kernels/cpu/*.cpp"]
 CUDA_SOURCES = ["csrc/kernels/cuda/*.cpp", "csrc/kernels/cuda/*.cu"]
