@@ -6,10 +6,10 @@
 // of one image (warp w = row w, two m16 fragments of 16 columns) times a block
 // of kBN = 8*kNT output channels (grid.y walks the channel blocks). The block
 // is persistent: it stages its weight slice once (already split into TF32
-// big/small parts and stored in MMA-fragment order, so one 16-byte shared load
-// feeds one n8 fragment), then loops over pixel tiles. Each tile's input patch
-// with halo, C_in x in_tile_h x in_tile_w, is copied to shared memory with
-// cp.async into one of two buffers while the previous tile computes.
+// big/small parts, laid out for the MMA: wgmma's shared-memory B operand on
+// sm_90a, mma.sync fragment order elsewhere), then loops over pixel tiles. Each
+// tile's input patch with halo, C_in x in_tile_h x in_tile_w, is staged in a
+// ring of shared buffers ahead of the tile that computes.
 // The A operand is gathered straight from that patch (implicit im2col through
 // a per-k offset table), so nothing but the input is read and nothing but the
 // output (or, in the statistics pass, C_out-sized partials) is written.
