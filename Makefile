@@ -12,7 +12,7 @@ VENV_BIN := $(abspath $(VENV))/bin
 VPY := $(VENV_BIN)/python
 TORCH_VERSION ?= 2.14.1
 DEV_REQUIREMENTS := torch==$(TORCH_VERSION) numpy pytest ninja setuptools wheel build ruff \
-	cibuildwheel expecttest
+	cibuildwheel expecttest scikit-learn
 DEPS_STAMP := $(VENV)/.fused_conv-dev-requirements
 LINT_PATHS = $(wildcard fused_conv tests benchmarks examples) setup.py
 PIP := $(VPY) -m pip --disable-pip-version-check
@@ -82,7 +82,7 @@ test: $(DEPS_STAMP)
 		echo "$$ids"; test -n "$$ids"
 	$(call step,pytest against the installed wheel)
 	tmp="$$(mktemp -d)"; trap 'rm -rf "$$tmp"' EXIT; \
-		cp -r tests pyproject.toml "$$tmp"/; cd "$$tmp"; \
+		cp -r tests examples pyproject.toml "$$tmp"/; cd "$$tmp"; \
 		env -u PYTHONPATH $(VPY) -m fused_conv info; \
 		env -u PYTHONPATH $(VPY) -m pytest -p no:cacheprovider --import-mode=importlib tests
 	$(call step,done)

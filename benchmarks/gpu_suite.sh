@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 
 # Tests run from a copy outside the source tree, against the installed package.
 TESTS=/tmp/fused_conv_tests
-rm -rf "$TESTS" && mkdir -p "$TESTS" && cp -r tests pyproject.toml "$TESTS"/
+rm -rf "$TESTS" && mkdir -p "$TESTS" && cp -r tests examples pyproject.toml "$TESTS"/
 pytest_args=(-q -p no:cacheprovider --import-mode=importlib -rfE tests)
 
 for step in $steps; do
