@@ -16,9 +16,17 @@ def _info(_args) -> int:
 
     info = fused_conv.build_info()
     info["torch_runtime"] = torch.__version__
+    # The tile kernels' Hopper main loop (wgmma) exists only in an sm_90a build.
+    archs = (info.get("arch_list") or "").replace(" ", ";").split(";")
+    info["hopper_wgmma"] = any(a.strip().split("+")[0] == "9.0a" for a in archs)
     info["cuda_available"] = torch.cuda.is_available()
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
+        if torch.cuda.get_device_capability() == (9, 0) and not info["hopper_wgmma"]:
+            info["note"] = (
+                "this GPU is Hopper but the build lacks the 9.0a target: the conv kernels run "
+                "their portable mma.sync loop; rebuild with 9.0a in TORCH_CUDA_ARCH_LIST"
+            )
     print(json.dumps(info, indent=2, sort_keys=True))
     return 0
 

@@ -56,6 +56,9 @@ def test_cli_info(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert fused_conv.__version__ in proc.stdout
     assert torch.__version__ in proc.stdout
+    info = json.loads(proc.stdout)
+    archs = (fused_conv.build_info()["arch_list"] or "").replace(" ", ";").split(";")
+    assert info["hopper_wgmma"] is ("9.0a" in archs)
 
 
 def test_cli_rejects_unknown_command(tmp_path):
