@@ -116,6 +116,8 @@ SHAPES = [
     # n, c_in, h, w, c_out, k, stride, padding, dilation: tails in every tile dimension.
     # In training the weight gradient is fused into the tile kernel (kGradOutW) unless K =
     # c_in*k*k is too wide for the channel block (weight_grad_fusable): then cuDNN's.
+    # float32 stride-1 shapes take grad_input from the tile kernel (kConv over 8-channel
+    # slices of g_hat, grad_input_tile_supports), others from cuDNN.
     (2, 8, 37, 45, 64, 3, 1, 1, 1),  # fused, 64-channel blocks
     (3, 3, 33, 31, 16, 3, 1, 0, 1),  # fused, 16-channel blocks
     (2, 5, 19, 70, 24, 5, 2, 2, 1),  # fused, 32-channel blocks
@@ -123,6 +125,8 @@ SHAPES = [
     (1, 2, 5, 97, 7, 1, 1, 0, 1),  # c_in = 1, k = 1 would make grad_weight 0 in training
     (2, 3, 30, 29, 33, 7, 2, 3, 1),  # K = 147 with 64-channel blocks: cuDNN's weight gradient
     (2, 16, 21, 35, 32, 3, 1, 1, 1),  # K = 144 with 32-channel blocks: fused, 9 n8 fragments
+    (2, 17, 13, 40, 20, 3, 1, 1, 1),  # grad_input: 3 slices (the last 4 channels), 32-ch. blocks
+    (2, 3, 10, 12, 9, 3, 1, 3, 1),  # padding > dilation*(k-1): cuDNN's grad_input
 ]
 
 
@@ -169,6 +173,41 @@ def test_backward_runs_the_fused_kernels():
     names = " ".join(e.name for e in prof.events())
     for kernel in ("finalize_grad_kernel", "conv_tile_kernel", "reduce_weight_grad_kernel"):
         assert kernel in names, (kernel, names[:2000])
+    tile = {e.name for e in prof.events() if "conv_tile_kernel" in e.name}
+    assert len(tile) == 3, tile  # kGradStats, kGradOutW, kConv (grad_input)
+
+
+@pytest.mark.parametrize(
+    "dtype,stride,padding,dilation,expected",
+    [
+        (torch.float32, 1, 1, 1, True),
+        (torch.float32, 1, 0, 1, True),  # padding 2 for the transposed convolution
+        (torch.float32, 1, 4, 2, True),
+        (torch.float32, 1, 3, 1, False),  # would need negative padding
+        (torch.float32, 2, 1, 1, False),  # strided: a transposed convolution proper
+        (torch.float16, 1, 1, 1, False),  # 16-bit: cuDNN's
+        (torch.bfloat16, 1, 1, 1, False),
+    ],
+)
+def test_grad_input_dispatch(dtype, stride, padding, dilation, expected):
+    x = torch.randn(2, 8, 12, 12, device=CUDA).to(dtype)
+    w = torch.randn(64, 8, 3, 3, device=CUDA).to(dtype)
+    got = fused_conv._C.cuda_grad_input_tile_supports(
+        x, w, [stride] * 2, [padding] * 2, [dilation] * 2, 1
+    )
+    assert got is expected
+
+
+def test_eval_backward_takes_grad_input_from_the_tile_kernel():
+    x, p, _ = make(2, 8, 16, 40, 64, 3, dtype=torch.float32, channels_last=False, seed=4)
+    x.requires_grad_()
+    out = forward(x, p, training=False, stride=1, padding=1, dilation=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out.backward(torch.randn_like(out))
+        torch.cuda.synchronize()
+    tile = {e.name for e in prof.events() if "conv_tile_kernel" in e.name}
+    assert len(tile) == 2, tile  # the sums (kGradStats) and grad_input (kConv)
+    assert any("TileMode)5" in name for name in tile), tile  # demangled TileMode::kConv
 
 
 def test_backward_is_bitwise_reproducible():

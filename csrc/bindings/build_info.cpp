@@ -14,6 +14,7 @@
 #include <torch/extension.h>
 
 #include "kernels/cuda/conv_bn_forward.h"
+#include "kernels/cuda/grad_input_tile.h"
 #endif
 
 #include <string>
@@ -87,5 +88,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the CUDA forwards take the tensor-core tile kernel for this configuration "
         "(else the ATen fallback); arguments as the ops': input, weight, stride, padding, "
         "dilation, groups.");
+  m.def("cuda_grad_input_tile_supports", &fused_conv::cuda::grad_input_tile_supports,
+        "Whether the CUDA backward computes grad_input on the tile kernel for this "
+        "configuration (else cuDNN); arguments as cuda_tile_kernel_supports.");
 #endif
 }

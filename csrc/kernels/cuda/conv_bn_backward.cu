@@ -17,12 +17,14 @@
 //           in registers and reduce the weight gradient sum g_hat * x from it
 //           on tensor cores into per-block partials (summed by
 //           reduce_weight_grad_kernel in a fixed order); g_hat is written (in
-//           the input's dtype and layout) only when grad_input is wanted, which
-//           cuDNN's convolution backward (data) computes from it. Shapes whose
-//           K is too wide for the fused weight gradient use kGradOut (write
-//           g_hat) and cuDNN for both gradients.
+//           the input's dtype and layout) only when grad_input is wanted. Shapes
+//           whose K is too wide for the fused weight gradient use kGradOut
+//           (write g_hat) and cuDNN's weight gradient.
 //   eval:   g_hat = k*g needs no pass 2: grad_input = conv_transpose(g; k*W)
-//           and grad_weight = k * (the weight gradient of g), both from cuDNN.
+//           and grad_weight = k * (the weight gradient of g, cuDNN's).
+//   grad_input = conv_transpose(g_hat; W): the tile kernel as a plain
+//           convolution of g_hat (grad_input_tile.cu) where it covers the shape
+//           (float32, stride 1), else cuDNN's convolution backward (data).
 //
 // The per-channel gradients (bias, gamma, beta, scale) come from the sums.
 #include "kernels/cuda/conv_bn_backward.h"
@@ -35,6 +37,7 @@
 #include "kernels/common/bn_fold.h"
 #include "kernels/common/conv_bn_checks.h"
 #include "kernels/common/conv_call.h"
+#include "kernels/cuda/grad_input_tile.h"
 #include "kernels/cuda/tile_launch.cuh"
 
 namespace fused_conv::cuda {
@@ -150,7 +153,21 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
   const at::Tensor sum_g = rows[kSumG];
   const at::Tensor sum_g_xhat = rows[kSumGXhat];
 
-  // grad_input / grad_weight.
+  // grad_input / grad_weight. conv_grads: the gradients of the convolution given
+  // the gradient g at its output (with the weight w_eff) for the mask's entries.
+  const bool tile_dgrad = input_weight_mask[0] &&
+                          grad_input_tile_supports(input, weight, stride, padding, dilation, 1);
+  auto conv_grads = [&](const at::Tensor& g, const at::Tensor& w_eff,
+                        std::array<bool, 2> mask) -> std::pair<at::Tensor, at::Tensor> {
+    std::pair<at::Tensor, at::Tensor> grads{at::empty({0}, input.options()),
+                                            at::empty({0}, weight.options())};
+    const std::array<bool, 2> cudnn_mask{mask[0] && !tile_dgrad, mask[1]};
+    if (cudnn_mask[0] || cudnn_mask[1]) {
+      grads = conv_backward(g, input, w_eff, conv, format, cudnn_mask);
+    }
+    if (mask[0] && tile_dgrad) grads.first = tile_grad_input(g, input, w_eff, padding, dilation);
+    return grads;
+  };
   at::Tensor grad_input = at::empty({0}, input.options());
   at::Tensor grad_weight = at::empty({0}, weight.options());
   if (input_weight_mask[0] || input_weight_mask[1]) {
@@ -182,21 +199,17 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
             s.c_in, s.kh * s.kw, grad_weight_f.mutable_data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         grad_weight = grad_weight_f.to(weight.scalar_type());
-        if (input_weight_mask[0]) {
-          grad_input = conv_backward(g_hat, input, weight, conv, format, {true, false}).first;
-        }
+        if (input_weight_mask[0]) grad_input = conv_grads(g_hat, weight, {true, false}).first;
       } else {
         run_tile_kernel<TileMode::kGradOut>(s, x, w, BnFold{}, terms, g_hat, nullptr);
-        std::tie(grad_input, grad_weight) =
-            conv_backward(g_hat, input, weight, conv, format, input_weight_mask);
+        std::tie(grad_input, grad_weight) = conv_grads(g_hat, weight, input_weight_mask);
       }
     } else {
       // g_hat = k*g is linear in g: fold k into the weight for grad_input and
       // scale the weight gradient of g per output channel.
       const at::Tensor k_view = per_out_channel_view(k);
       const at::Tensor weight_k = (weight.to(at::kFloat) * k_view).to(weight.scalar_type());
-      std::tie(grad_input, grad_weight) =
-          conv_backward(grad, input, weight_k, conv, format, input_weight_mask);
+      std::tie(grad_input, grad_weight) = conv_grads(grad, weight_k, input_weight_mask);
       if (input_weight_mask[1]) {
         grad_weight = (grad_weight.to(at::kFloat) * k_view).to(weight.scalar_type());
       }

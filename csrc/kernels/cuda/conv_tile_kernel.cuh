@@ -39,8 +39,15 @@ struct ConvShape {
   int kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   bool channels_last;        // input and output layout (NHWC) else NCHW
   int in_tile_h, in_tile_w;  // the input patch (with halo) one output tile needs
-  int k, k_steps;            // K = c_in*kh*kw and ceil(K / 8)
+  int k, k_steps;            // K = c_in*kh*kw and the k8 steps of the whole GEMM
   int tiles_h, tiles_w;
+  // Input channels per staged patch. chunks = 1 (c_chunk = c_in, k_steps =
+  // ceil(K / 8)) stages all channels at once; wider inputs (the backward's
+  // grad_input: C_out channels of g_hat) walk c_chunk-channel slices of the
+  // patch, each a kStages-deep work item, with the accumulators carried over
+  // (c_chunk*kh*kw a multiple of 8, k_steps = chunks*chunk_k_steps; GEMM order
+  // k = (chunk, kr*kw + kq, ci mod c_chunk)).
+  int c_chunk, chunks, chunk_k_steps;
 };
 
 // Per-channel epilogue out = a[c]*conv(x)[c] + d[c] with
@@ -66,6 +73,8 @@ enum class TileMode : int {
                // output (training backward, pass 2)
   kGradOutW,   // kGradOut (out may be null: not written) plus per-block partials
                // of the weight gradient sum_p g_hat[c][p] * x(p, k)
+  kConv,       // out = y, over the input's channel slices (ConvShape::chunks):
+               // the backward's grad_input (grad_input_tile.cu)
 };
 
 // Weight-gradient GEMM of kGradOutW, per tile: M = the block's kBN channels
@@ -177,7 +186,7 @@ struct SmemLayout {
   __host__ __device__ SmemLayout(const ConvShape& s, bool weight_grad) {
     b_frag = 0;
     k_off = b_frag + s.k_steps * kNT * 32 * kBVec;
-    coef_a = k_off + s.k_steps * 8;
+    coef_a = k_off + s.chunk_k_steps * 8;
     coef_d = coef_a + kBN;
     coef_c = coef_d + kBN;
     coef_e = coef_c + kBN;
@@ -188,7 +197,7 @@ struct SmemLayout {
     in_tile = (stat_x + kWarps * kBN + 3) & ~3;
     const int plane = s.in_tile_h * s.in_tile_w;
     plane_stride = plane + ((8 - plane) % 32 + 32) % 32;
-    tile_stride = (s.c_in * plane_stride + 3) & ~3;
+    tile_stride = (s.c_chunk * plane_stride + 3) & ~3;
     g_hat = in_tile + kStages * tile_stride;
     total = g_hat + (weight_grad ? kBN * kGhatStride : 0);
   }
@@ -219,7 +228,7 @@ struct PatchWalk {
   int d_outer, d_mid, d_inner;    // step of kThreads elements
   __device__ PatchWalk(const ConvShape& s) {
     e1 = s.channels_last ? s.in_tile_w : s.in_tile_h;
-    e2 = s.channels_last ? s.c_in : s.in_tile_w;
+    e2 = s.channels_last ? s.c_chunk : s.in_tile_w;
     outer = threadIdx.x / (e1 * e2);
     mid = (threadIdx.x / e2) % e1;
     inner = threadIdx.x % e2;
@@ -229,29 +238,31 @@ struct PatchWalk {
   }
 };
 
-// Visits this thread's patch elements: fn(m, dst, src, inside) with m the
-// element's ordinal for this thread, dst its shared-memory index ([ci][ih][iw],
-// channel planes plane_stride words apart), src its offset in the image and
-// inside = false for padding.
+// Visits this thread's patch elements of channel slice `chunk`: fn(m, dst, src,
+// inside) with m the element's ordinal for this thread, dst its shared-memory
+// index ([ci][ih][iw] with ci inside the slice, channel planes plane_stride
+// words apart), src its offset in the image and inside = false for padding and
+// for channels past c_in (the last slice's tail).
 template <typename Fn>
 __device__ __forceinline__ void for_each_patch_element(const ConvShape& s, const PatchWalk& walk,
-                                                       const TileCoord& tc, int plane_stride,
-                                                       Fn&& fn) {
+                                                       const TileCoord& tc, int chunk,
+                                                       int plane_stride, Fn&& fn) {
   const int gh0 = tc.oh0 * s.stride_h - s.pad_h;
   const int gw0 = tc.ow0 * s.stride_w - s.pad_w;
-  const int elems = s.c_in * s.in_tile_h * s.in_tile_w;
+  const int c0 = chunk * s.c_chunk;
+  const int elems = s.c_chunk * s.in_tile_h * s.in_tile_w;
   int outer = walk.outer, mid = walk.mid, inner = walk.inner;
   int m = 0;
   for (int i = threadIdx.x; i < elems; i += kThreads, ++m) {
     const int ci = s.channels_last ? inner : outer;
     const int ih = s.channels_last ? outer : mid;
     const int iw = s.channels_last ? mid : inner;
-    const int gh = gh0 + ih, gw = gw0 + iw;
+    const int gh = gh0 + ih, gw = gw0 + iw, gc = c0 + ci;
     const bool inside = static_cast<unsigned>(gh) < static_cast<unsigned>(s.h) &&
-                        static_cast<unsigned>(gw) < static_cast<unsigned>(s.w);
+                        static_cast<unsigned>(gw) < static_cast<unsigned>(s.w) && gc < s.c_in;
     const int src = !inside ? 0
-                    : s.channels_last ? (gh * s.w + gw) * s.c_in + ci
-                                      : (ci * s.h + gh) * s.w + gw;
+                    : s.channels_last ? (gh * s.w + gw) * s.c_in + gc
+                                      : (gc * s.h + gh) * s.w + gw;
     fn(m, ci * plane_stride + ih * s.in_tile_w + iw, src, inside);
     inner += walk.d_inner;
     mid += walk.d_mid;
@@ -277,10 +288,10 @@ struct PatchStager {
   T regs[kRegs];
 
   __device__ __forceinline__ void issue(const T* __restrict__ x, const ConvShape& s,
-                                        const PatchWalk& walk, const TileCoord& tc,
+                                        const PatchWalk& walk, const TileCoord& tc, int chunk,
                                         int plane_stride, float* dst) {
     const T* img = x + tc.n * s.c_in * s.h * s.w;
-    for_each_patch_element(s, walk, tc, plane_stride, [&](int m, int d, int src, bool inside) {
+    for_each_patch_element(s, walk, tc, chunk, plane_stride, [&](int m, int d, int src, bool inside) {
       if constexpr (sizeof(T) == 4) {
         cp_async_f32(dst + d, reinterpret_cast<const float*>(img + src), inside);
       } else {
@@ -298,9 +309,10 @@ struct PatchStager {
   // Completes the staging issued for the buffer `dst` (a no-op for float, whose
   // copies complete through cp.async.wait_group).
   __device__ __forceinline__ void finish(const ConvShape& s, const PatchWalk& walk,
-                                         const TileCoord& tc, int plane_stride, float* dst) {
+                                         const TileCoord& tc, int chunk, int plane_stride,
+                                         float* dst) {
     if constexpr (sizeof(T) != 4) {
-      for_each_patch_element(s, walk, tc, plane_stride, [&](int m, int d, int, bool) {
+      for_each_patch_element(s, walk, tc, chunk, plane_stride, [&](int m, int d, int, bool) {
         if (m < kRegs) dst[d] = to_float(regs[m]);
       });
     }
@@ -329,6 +341,7 @@ __device__ __forceinline__ float load_grad(const __nv_bfloat16* p) {
 
 // kMode (TileMode):
 //   kApply    : writes out = a[c]*y + d[c] (a, d from the BnFold).
+//   kConv     : writes out = y (a = 1, d = 0), summing y over s.chunks slices.
 //   kStats    : writes per-block (count, mean, M2) of y per channel to
 //               partials[grid.y][grid.x][kBN][3].
 //   kGradStats: writes per-block (sum g, sum g*(y - ctr), sum (y - ctr)) per
@@ -348,6 +361,11 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
   constexpr bool kGradStats = kMode == TileMode::kGradStats;
   constexpr bool kWeightGrad = kMode == TileMode::kGradOutW;
   constexpr bool kGradOut = kMode == TileMode::kGradOut || kWeightGrad;
+  // Only kConv walks channel slices: elsewhere chunks = 1 is known at compile
+  // time, so the accumulators are dead between tiles (no register pressure).
+  constexpr bool kChunked = kMode == TileMode::kConv;
+  constexpr bool kPlainEpilogue = kMode == TileMode::kApply || kChunked;
+  const int chunks = kChunked ? s.chunks : 1;
   using L = SmemLayout<kNT, kSplit>;
   constexpr int kBN = L::kBN;
   constexpr int kBVec = L::kBVec;
@@ -367,12 +385,15 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
   const int c_base = blockIdx.y * kBN;
 
   // ---- prologue: the weights, split into TF32 terms, in the MMA's operand layout ----
-  // Weight k of channel n, zero past K and C_out. GEMM order k = (kr*kw + kq)*c_in + ci;
-  // the weight's memory order is (ci, kr, kq).
+  // Weight k of channel n, zero past K and C_out. GEMM order k = (chunk, kr*kw + kq,
+  // ci mod c_chunk) (one chunk: (kr*kw + kq)*c_in + ci); the weight's memory order is
+  // (ci, kr, kq).
+  const int taps = s.kh * s.kw, chunk_k = s.c_chunk * taps;
   auto weight_at = [&](int n, int k) -> float {
-    if (k >= s.k || n >= s.c_out) return 0.f;
-    const int ci = k % s.c_in, rq = k / s.c_in;
-    return to_float(w[static_cast<int64_t>(n) * s.k + ci * s.kh * s.kw + rq]);
+    const int chunk = k / chunk_k, r = k % chunk_k;
+    const int ci = chunk * s.c_chunk + r % s.c_chunk, rq = r / s.c_chunk;
+    if (chunk >= chunks || ci >= s.c_in || n >= s.c_out) return 0.f;
+    return to_float(w[static_cast<int64_t>(n) * s.k + ci * taps + rq]);
   };
 #if FUSED_CONV_WGMMA
   // wgmma: one K-major array per term (big, then small), laid out as
@@ -411,14 +432,15 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
     }
   }
 #endif
-  // k -> offset of (kr, kq, ci) inside the staged patch. With ci fastest in k and
-  // a channel-plane stride of 8 (mod 32) words, the four k of one A load (t) hit
-  // banks 8 apart while g walks 8 consecutive ones: conflict-free for c_in >= 4.
-  // Padded k (>= K) meets zero weights; offset 0 keeps the product finite.
-  for (int k = threadIdx.x; k < s.k_steps * 8; k += kThreads) {
+  // k (within a chunk) -> offset of (kr, kq, ci) inside the staged patch. With ci
+  // fastest in k and a channel-plane stride of 8 (mod 32) words, the four k of one
+  // A load (t) hit banks 8 apart while g walks 8 consecutive ones: conflict-free
+  // for c_chunk >= 4. Padded k (>= K) meets zero weights; offset 0 keeps the
+  // product finite.
+  for (int k = threadIdx.x; k < s.chunk_k_steps * 8; k += kThreads) {
     int off = 0;
-    if (k < s.k) {
-      const int ci = k % s.c_in, rq = k / s.c_in;
+    if (k < chunk_k) {
+      const int ci = k % s.c_chunk, rq = k / s.c_chunk;
       off = ci * lay.plane_stride + (rq / s.kw) * s.dil_h * s.in_tile_w + (rq % s.kw) * s.dil_w;
     }
     k_off[k] = off;
@@ -434,10 +456,12 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
       coef_e[threadIdx.x] = ok ? gt.coef_1[c] : 0.f;
     }
   }
-  if (kMode == TileMode::kApply && threadIdx.x < kBN) {
+  if (kPlainEpilogue && threadIdx.x < kBN) {
     const int c = c_base + threadIdx.x;
     float a = 0.f, d = 0.f;
-    if (c < s.c_out) {
+    if (c < s.c_out && kChunked) {
+      a = 1.f;
+    } else if (c < s.c_out) {
       const float sc = f.scale * (f.scale_tensor ? *f.scale_tensor : 1.f);
       const float invstd =
           f.is_invstd ? f.var_or_invstd[c] : 1.f / sqrtf(f.var_or_invstd[c] + f.eps);
@@ -477,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
   const T* __restrict__ grad = static_cast<const T*>(gt.grad);
 
   // kGradOutW: this warp's weight-gradient fragments, accumulated over all its tiles.
-  constexpr int kWarpsPerM = kWarps / (kBN / 16);
+  constexpr int kWarpsPerM = kBN >= 16 ? kWarps / (kBN / 16) : kWarps;  // (kBN = 8: unused)
   const int dw_m = warp / kWarpsPerM, dw_n0 = warp % kWarpsPerM;
   float dw[kDwFrags][4];
   if constexpr (kWeightGrad) {
@@ -488,40 +512,60 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
   const PatchWalk walk(s);
   PatchStager<T> stager;
   constexpr int kStages = L::kStages;
-  const int64_t first = blockIdx.x;
-  // Prologue: the first kStages-1 tiles (one commit group each, possibly empty).
+  // Work items: (tile, channel slice) pairs, slices fastest; this block's tiles
+  // are blockIdx.x + i*gridDim.x. Each item fills one buffer of the ring and is
+  // one cp.async commit group (possibly empty past the last item).
+  struct WorkItem {
+    int64_t tile;
+    int chunk;
+  };
+  auto advance = [&](WorkItem& i) {
+    if (++i.chunk == chunks) {
+      i.chunk = 0;
+      i.tile += gridDim.x;
+    }
+  };
+  WorkItem fetch{blockIdx.x, 0};  // the next item to stage
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    const int64_t tl = first + st * static_cast<int64_t>(gridDim.x);
+  for (int st = 0; st < kStages - 1; ++st, advance(fetch)) {
     float* buf = patches + st * lay.tile_stride;
-    if (tl < s.tiles) {
-      stager.issue(x, s, walk, tile_coord(s, tl), lay.plane_stride, buf);
-      stager.finish(s, walk, tile_coord(s, tl), lay.plane_stride, buf);
+    if (fetch.tile < s.tiles) {
+      const TileCoord tc = tile_coord(s, fetch.tile);
+      stager.issue(x, s, walk, tc, fetch.chunk, lay.plane_stride, buf);
+      stager.finish(s, walk, tc, fetch.chunk, lay.plane_stride, buf);
     } else {
       cp_async_commit();
     }
   }
 
-  int64_t tile = first;
-  for (int it = 0; tile < s.tiles; ++it, tile += gridDim.x) {
-    const int64_t next = tile + (kStages - 1) * static_cast<int64_t>(gridDim.x);
-    float* next_patch = patches + ((it + kStages - 1) % kStages) * lay.tile_stride;
-    if (next < s.tiles) {
-      stager.issue(x, s, walk, tile_coord(s, next), lay.plane_stride, next_patch);
+  float acc[2][kNT][4];  // carried across a tile's channel slices
+  int stage = 0;
+  for (WorkItem item{blockIdx.x, 0}; item.tile < s.tiles;
+       advance(item), stage = stage + 1 == kStages ? 0 : stage + 1) {
+    const int64_t tile = item.tile;
+    const WorkItem next = fetch;  // kStages - 1 items ahead
+    advance(fetch);
+    float* next_patch = patches + (stage == 0 ? kStages - 1 : stage - 1) * lay.tile_stride;
+    if (next.tile < s.tiles) {
+      stager.issue(x, s, walk, tile_coord(s, next.tile), next.chunk, lay.plane_stride, next_patch);
     } else {
       cp_async_commit();  // keep one group per iteration for the wait below
     }
-    cp_async_wait<kStages - 1>();  // this tile's copies have landed; later ones may fly
+    cp_async_wait<kStages - 1>();  // this item's copies have landed; later ones may fly
     __syncthreads();
 
-    const float* patch = patches + (it % kStages) * lay.tile_stride;
-    float acc[2][kNT][4];
+    const float* patch = patches + stage * lay.tile_stride;
+    if (!kChunked || item.chunk == 0) {
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int j = 0; j < kNT; ++j)
+        for (int j = 0; j < kNT; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
+          for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
+    }
+    // This slice's k-steps: local ks (k_off) is global k-step kb + ks (weights).
+    const int cks = kChunked ? s.chunk_k_steps : s.k_steps;
+    const int kb = kChunked ? item.chunk * cks : 0;
 
     // The A values of k-step ks+1 are loaded while ks runs its MMAs.
     auto load_a = [&](int ks, float (&v)[2][4]) {
@@ -564,9 +608,9 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
             }
           }
         }
-        load_a(ks + 1 < s.k_steps ? ks + 1 : ks, a_val);
+        load_a(ks + 1 < cks ? ks + 1 : ks, a_val);
         wgmma_fence();
-        const uint64_t step = static_cast<uint64_t>(ks) * ((kBN * 32) >> 4);  // bytes >> 4
+        const uint64_t step = static_cast<uint64_t>(kb + ks) * ((kBN * 32) >> 4);  // bytes >> 4
         if constexpr (kSplit == 3) {
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) wgmma_tf32<kNT>(acc[mt], small[mt], desc_big + step);
@@ -585,10 +629,10 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
         if constexpr (kSplit >= 2) wgmma_fence_operands(small);
       };
 #pragma unroll 1
-      for (int ks = 0; ks < s.k_steps; ks += 2) {
+      for (int ks = 0; ks < cks; ks += 2) {
         mma_step(ks, a_big[0], a_small[0]);
         retire(a_big[1], a_small[1]);  // step ks-1's set
-        if (ks + 1 < s.k_steps) {
+        if (ks + 1 < cks) {
           mma_step(ks + 1, a_big[1], a_small[1]);
           retire(a_big[0], a_small[0]);  // step ks's set
         }
@@ -600,7 +644,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
     }
 #else
 #pragma unroll 1
-    for (int ks = 0; ks < s.k_steps; ++ks) {
+    for (int ks = 0; ks < cks; ++ks) {
       uint32_t a_big[2][4], a_small[2][4];
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
@@ -613,8 +657,8 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
           }
         }
       }
-      load_a(ks + 1 < s.k_steps ? ks + 1 : ks, a_val);
-      const float* bk = b_frag + (ks * kNT * 32 + lane) * kBVec;
+      load_a(ks + 1 < cks ? ks + 1 : ks, a_val);
+      const float* bk = b_frag + ((kb + ks) * kNT * 32 + lane) * kBVec;
       // Term-major order over groups of up to 4 n8 fragments: 8 independent
       // accumulators separate two MMAs into the same one, hiding MMA latency.
       constexpr int kGroup = kNT < 4 ? kNT : 4;
@@ -656,7 +700,13 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
     }
 #endif
 
-    if (next < s.tiles) stager.finish(s, walk, tile_coord(s, next), lay.plane_stride, next_patch);
+    if (next.tile < s.tiles) {
+      stager.finish(s, walk, tile_coord(s, next.tile), next.chunk, lay.plane_stride, next_patch);
+    }
+    if (kChunked && item.chunk + 1 < chunks) {
+      __syncthreads();  // this item's buffer is refilled by a later prefetch
+      continue;
+    }
 
     // acc[q >> 1][j][(q & 1) * 2 + p] holds pixel column g + 8q, channel 8j + 2t + p.
     const TileCoord tc = tile_coord(s, tile);
@@ -723,7 +773,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
           }
         }
       }
-    } else if constexpr (kMode == TileMode::kApply) {
+    } else if constexpr (kPlainEpilogue) {
       // The forward's epilogue, kept specialised: per-row base pointers and no
       // per-element 64-bit offsets (the generic form below cost the eval kernel
       // about 30% on the reference problem).

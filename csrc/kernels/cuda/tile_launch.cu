@@ -5,21 +5,31 @@
 namespace fused_conv::cuda {
 namespace {
 
+int split_for(at::ScalarType dtype) { return dtype == at::kFloat ? 3 : 1; }
+
+}  // namespace
+
 size_t smem_bytes_for(const ConvShape& s, int nt, int split, bool weight_grad) {
   // The layout only depends on kBVec (split >= 2), kNT and the g_hat tile.
   if (split >= 2) {
-    return nt == 2   ? tile_smem_bytes<2, 3>(s, weight_grad)
+    return nt == 1   ? tile_smem_bytes<1, 3>(s, weight_grad)
+           : nt == 2 ? tile_smem_bytes<2, 3>(s, weight_grad)
            : nt == 4 ? tile_smem_bytes<4, 3>(s, weight_grad)
                      : tile_smem_bytes<8, 3>(s, weight_grad);
   }
-  return nt == 2   ? tile_smem_bytes<2, 1>(s, weight_grad)
+  return nt == 1   ? tile_smem_bytes<1, 1>(s, weight_grad)
+         : nt == 2 ? tile_smem_bytes<2, 1>(s, weight_grad)
          : nt == 4 ? tile_smem_bytes<4, 1>(s, weight_grad)
                    : tile_smem_bytes<8, 1>(s, weight_grad);
 }
 
-int split_for(at::ScalarType dtype) { return dtype == at::kFloat ? 3 : 1; }
-
-}  // namespace
+void set_tile_geometry(ConvShape& s) {
+  s.in_tile_h = (kTileH - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1;
+  s.in_tile_w = (kTileW - 1) * s.stride_w + (s.kw - 1) * s.dil_w + 1;
+  s.tiles_h = (s.h_out + kTileH - 1) / kTileH;
+  s.tiles_w = (s.w_out + kTileW - 1) / kTileW;
+  s.tiles = s.n * s.tiles_h * s.tiles_w;
+}
 
 int multiprocessors(int device) {
   static int cache[64] = {0};
@@ -65,11 +75,10 @@ std::optional<ConvShape> make_tile_shape(const at::Tensor& input, const at::Tens
   s.dil_w = static_cast<int>(dilation[1]);
   s.k = static_cast<int>(k);
   s.k_steps = (s.k + 7) / 8;
-  s.in_tile_h = (kTileH - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1;
-  s.in_tile_w = (kTileW - 1) * s.stride_w + (s.kw - 1) * s.dil_w + 1;
-  s.tiles_h = (s.h_out + kTileH - 1) / kTileH;
-  s.tiles_w = (s.w_out + kTileW - 1) / kTileW;
-  s.tiles = s.n * s.tiles_h * s.tiles_w;
+  s.c_chunk = s.c_in;  // all channels in one staged patch
+  s.chunks = 1;
+  s.chunk_k_steps = s.k_steps;
+  set_tile_geometry(s);
   s.channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const int nt = n_tiles_for(s.c_out);
   if (smem_bytes_for(s, nt, split_for(dtype), false) > kMaxSmemBytes) return std::nullopt;

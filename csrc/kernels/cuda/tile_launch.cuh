@@ -29,6 +29,12 @@ int multiprocessors(int device);
 // n8 fragments per block: the block covers 8 * n_tiles_for(C_out) channels.
 inline int n_tiles_for(int64_t c_out) { return c_out <= 16 ? 2 : c_out <= 32 ? 4 : 8; }
 
+// Shared memory of a launch with kNT = nt and kSplit = split (1, 2, 4, 8 / 1, 3).
+size_t smem_bytes_for(const ConvShape& s, int nt, int split, bool weight_grad);
+
+// in_tile_*, tiles_* and tiles from the sizes, stride, kernel and dilation.
+void set_tile_geometry(ConvShape& s);
+
 // The kernel's view of the problem, or nullopt outside its reach (see
 // tile_kernel_supports in conv_bn_forward.h).
 std::optional<ConvShape> make_tile_shape(const at::Tensor& input, const at::Tensor& weight,

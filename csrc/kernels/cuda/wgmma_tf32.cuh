@@ -87,6 +87,17 @@ __device__ void wgmma_tf32(float (&d)[kNT][4], const uint32_t (&a)[4], uint64_t 
 
 #if FUSED_CONV_WGMMA
 template <>
+__device__ __forceinline__ void wgmma_tf32<1>(float (&d)[1][4], const uint32_t (&a)[4],
+                                               uint64_t b_desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n8k8.f32.tf32.tf32 {"
+      "%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, %8, 1, 1, 1;\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
+}
+
+template <>
 __device__ __forceinline__ void wgmma_tf32<2>(float (&d)[2][4], const uint32_t (&a)[4],
                                                uint64_t b_desc) {
   asm volatile(
