@@ -2,7 +2,8 @@
 // and backward pipelines: which configurations it covers, its launch geometry,
 // and the launch itself for each TileMode. Included by .cu files only; each
 // pipeline instantiates the modes it uses (conv_bn_forward.cu: kApply, kStats;
-// conv_bn_backward.cu: kGradStats, kGradOut), so the two compile in parallel.
+// conv_bn_backward.cu: kGradStats, kGradOut, kGradOutW; grad_input_tile.cu:
+// kConv), so they compile in parallel.
 #pragma once
 
 #include <ATen/ATen.h>
