@@ -178,12 +178,15 @@ struct SmemLayout {
   // ahead by cp.async, enough to cover load latency under the output's write
   // traffic; fp16/bf16 patches are staged through registers one tile ahead.
   static constexpr int kStages = kSplit == 3 ? 4 : 2;
+  // kConv's ring (one 8-channel slice per buffer): 2 deep, so that 4 blocks fit
+  // per SM next to the weights of all slices (4 x 53 KB for the reference problem).
+  static constexpr int kSlicedStages = 2;
   int b_frag, k_off, coef_a, coef_d, coef_c, coef_e, stat_n, stat_mean, stat_m2, stat_x, in_tile;
   int g_hat;  // kGradOutW: the tile's g_hat, [kBN][kGhatStride] floats
   int plane_stride;  // words between channel planes of the patch: = 8 (mod 32)
   int tile_stride;   // words between the patch buffers of the ring
   int total;
-  __host__ __device__ SmemLayout(const ConvShape& s, bool weight_grad) {
+  __host__ __device__ SmemLayout(const ConvShape& s, bool weight_grad, bool sliced = false) {
     b_frag = 0;
     k_off = b_frag + s.k_steps * kNT * 32 * kBVec;
     coef_a = k_off + s.chunk_k_steps * 8;
@@ -198,7 +201,7 @@ struct SmemLayout {
     const int plane = s.in_tile_h * s.in_tile_w;
     plane_stride = plane + ((8 - plane) % 32 + 32) % 32;
     tile_stride = (s.c_chunk * plane_stride + 3) & ~3;
-    g_hat = in_tile + kStages * tile_stride;
+    g_hat = in_tile + (sliced ? kSlicedStages : kStages) * tile_stride;
     total = g_hat + (weight_grad ? kBN * kGhatStride : 0);
   }
 };
@@ -353,6 +356,7 @@ __device__ __forceinline__ float load_grad(const __nv_bfloat16* p) {
 // kSplit: 3 = 3xTF32 (float32-accurate), 1 = one TF32 MMA (exact for fp16/bf16).
 template <typename T, int kNT, int kSplit, TileMode kMode>
 __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW                     ? 2
+                                            : kMode == TileMode::kConv                   ? (kNT <= 2 ? 4 : 3)
                                             : (kMode != TileMode::kApply || kSplit == 3) ? 3
                                                                                          : 4)
     conv_tile_kernel(const T* __restrict__ x, const T* __restrict__ w, ConvShape s, BnFold f,
@@ -370,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
   constexpr int kBN = L::kBN;
   constexpr int kBVec = L::kBVec;
   extern __shared__ __align__(16) float smem[];
-  const L lay(s, kWeightGrad);
+  const L lay(s, kWeightGrad, kMode == TileMode::kConv);
   float* b_frag = smem + lay.b_frag;
   int* k_off = reinterpret_cast<int*>(smem + lay.k_off);
   float* coef_a = smem + lay.coef_a;
@@ -511,7 +515,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
 
   const PatchWalk walk(s);
   PatchStager<T> stager;
-  constexpr int kStages = L::kStages;
+  constexpr int kStages = kChunked ? L::kSlicedStages : L::kStages;
   // Work items: (tile, channel slice) pairs, slices fastest; this block's tiles
   // are blockIdx.x + i*gridDim.x. Each item fills one buffer of the ring and is
   // one cp.async commit group (possibly empty past the last item).

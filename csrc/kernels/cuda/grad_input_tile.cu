@@ -72,7 +72,9 @@ std::optional<ConvShape> make_grad_input_shape(const at::Tensor& input, const at
   }
   set_tile_geometry(s);
   s.channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  if (smem_bytes_for(s, grad_input_n_tiles(c_in), 3, false) > kMaxSmemBytes) return std::nullopt;
+  if (smem_bytes_for(s, grad_input_n_tiles(c_in), 3, false, /*sliced=*/true) > kMaxSmemBytes) {
+    return std::nullopt;
+  }
   return s;
 }
 

@@ -9,18 +9,18 @@ int split_for(at::ScalarType dtype) { return dtype == at::kFloat ? 3 : 1; }
 
 }  // namespace
 
-size_t smem_bytes_for(const ConvShape& s, int nt, int split, bool weight_grad) {
+size_t smem_bytes_for(const ConvShape& s, int nt, int split, bool weight_grad, bool sliced) {
   // The layout only depends on kBVec (split >= 2), kNT and the g_hat tile.
   if (split >= 2) {
-    return nt == 1   ? tile_smem_bytes<1, 3>(s, weight_grad)
-           : nt == 2 ? tile_smem_bytes<2, 3>(s, weight_grad)
-           : nt == 4 ? tile_smem_bytes<4, 3>(s, weight_grad)
-                     : tile_smem_bytes<8, 3>(s, weight_grad);
+    return nt == 1   ? tile_smem_bytes<1, 3>(s, weight_grad, sliced)
+           : nt == 2 ? tile_smem_bytes<2, 3>(s, weight_grad, sliced)
+           : nt == 4 ? tile_smem_bytes<4, 3>(s, weight_grad, sliced)
+                     : tile_smem_bytes<8, 3>(s, weight_grad, sliced);
   }
-  return nt == 1   ? tile_smem_bytes<1, 1>(s, weight_grad)
-         : nt == 2 ? tile_smem_bytes<2, 1>(s, weight_grad)
-         : nt == 4 ? tile_smem_bytes<4, 1>(s, weight_grad)
-                   : tile_smem_bytes<8, 1>(s, weight_grad);
+  return nt == 1   ? tile_smem_bytes<1, 1>(s, weight_grad, sliced)
+         : nt == 2 ? tile_smem_bytes<2, 1>(s, weight_grad, sliced)
+         : nt == 4 ? tile_smem_bytes<4, 1>(s, weight_grad, sliced)
+                   : tile_smem_bytes<8, 1>(s, weight_grad, sliced);
 }
 
 void set_tile_geometry(ConvShape& s) {

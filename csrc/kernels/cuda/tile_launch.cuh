@@ -31,7 +31,8 @@ int multiprocessors(int device);
 inline int n_tiles_for(int64_t c_out) { return c_out <= 16 ? 2 : c_out <= 32 ? 4 : 8; }
 
 // Shared memory of a launch with kNT = nt and kSplit = split (1, 2, 4, 8 / 1, 3).
-size_t smem_bytes_for(const ConvShape& s, int nt, int split, bool weight_grad);
+size_t smem_bytes_for(const ConvShape& s, int nt, int split, bool weight_grad,
+                      bool sliced = false);
 
 // in_tile_*, tiles_* and tiles from the sizes, stride, kernel and dilation.
 void set_tile_geometry(ConvShape& s);
@@ -67,8 +68,9 @@ struct Launch {
 };
 
 template <int kNT, int kSplit>
-size_t tile_smem_bytes(const ConvShape& s, bool weight_grad) {
-  return static_cast<size_t>(SmemLayout<kNT, kSplit>(s, weight_grad).total) * sizeof(float);
+size_t tile_smem_bytes(const ConvShape& s, bool weight_grad, bool sliced = false) {
+  return static_cast<size_t>(SmemLayout<kNT, kSplit>(s, weight_grad, sliced).total) *
+         sizeof(float);
 }
 
 template <typename T, int kNT, int kSplit, TileMode kMode>
@@ -76,7 +78,8 @@ Launch launch_tile_kernel(const ConvShape& s, const T* x, const T* w, const BnFo
                           const GradTerms& gt, T* out, float* partials, cudaStream_t stream,
                           bool dry_run) {
   auto kernel = conv_tile_kernel<T, kNT, kSplit, kMode>;
-  const size_t smem = tile_smem_bytes<kNT, kSplit>(s, kMode == TileMode::kGradOutW);
+  const size_t smem =
+      tile_smem_bytes<kNT, kSplit>(s, kMode == TileMode::kGradOutW, kMode == TileMode::kConv);
   static bool attribute_set = false;  // per instantiation
   if (!attribute_set) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
