@@ -44,9 +44,9 @@ struct ConvShape {
   // Input channels per staged patch. chunks = 1 (c_chunk = c_in, k_steps =
   // ceil(K / 8)) stages all channels at once; wider inputs (the backward's
   // grad_input: C_out channels of g_hat) walk c_chunk-channel slices of the
-  // patch, each a kStages-deep work item, with the accumulators carried over
+  // patch, one slice per buffer of the ring, with the accumulators carried over
   // (c_chunk*kh*kw a multiple of 8, k_steps = chunks*chunk_k_steps; GEMM order
-  // k = (chunk, kr*kw + kq, ci mod c_chunk)).
+  // k = (chunk, kr*kw + kq, ci mod c_chunk)). Only TileMode::kConv has chunks > 1.
   int c_chunk, chunks, chunk_k_steps;
 };
 
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
   constexpr int kBN = L::kBN;
   constexpr int kBVec = L::kBVec;
   extern __shared__ __align__(16) float smem[];
-  const L lay(s, kWeightGrad, kMode == TileMode::kConv);
+  const L lay(s, kWeightGrad, kChunked);
   float* b_frag = smem + lay.b_frag;
   int* k_off = reinterpret_cast<int*>(smem + lay.k_off);
   float* coef_a = smem + lay.coef_a;
