@@ -116,8 +116,10 @@ SHAPES = [
     # n, c_in, h, w, c_out, k, stride, padding, dilation: tails in every tile dimension.
     # In training the weight gradient is fused into the tile kernel (kGradOutW) unless K =
     # c_in*k*k is too wide for the channel block (weight_grad_fusable): then cuDNN's.
-    # float32 stride-1 shapes take grad_input from the tile kernel (kConv over 8-channel
-    # slices of g_hat, grad_input_tile_supports), others from cuDNN.
+    # float32 stride-1 shapes take grad_input from the tile kernels (grad_input_tile_supports):
+    # the tap-reusing kernel for NCHW 3x3 with C_in <= 8 and C_out <= 64 (16-, 8- or 4-byte
+    # row copies by the conv output's width; grad_input_taps_supports; NHWC takes kConv),
+    # kConv over 8-channel slices of g_hat for the rest; others from cuDNN.
     (2, 8, 37, 45, 64, 3, 1, 1, 1),  # fused, 64-channel blocks
     (3, 3, 33, 31, 16, 3, 1, 0, 1),  # fused, 16-channel blocks
     (2, 5, 19, 70, 24, 5, 2, 2, 1),  # fused, 32-channel blocks
@@ -127,6 +129,9 @@ SHAPES = [
     (2, 16, 21, 35, 32, 3, 1, 1, 1),  # K = 144 with 32-channel blocks: fused, 9 n8 fragments
     (2, 17, 13, 40, 20, 3, 1, 1, 1),  # grad_input: 3 slices (the last 4 channels), 32-ch. blocks
     (2, 3, 10, 12, 9, 3, 1, 3, 1),  # padding > dilation*(k-1): cuDNN's grad_input
+    (2, 8, 37, 44, 64, 3, 1, 1, 1),  # taps, 16-byte rows: row (37 = 4*8 + 5), column tails
+    (3, 3, 21, 70, 40, 3, 1, 0, 1),  # taps, 4-byte rows (68): padding 0, 3 slices, 8-ch. tail
+    (2, 5, 14, 34, 20, 3, 1, 2, 1),  # taps, 8-byte rows (38): padding 2, 2 slices, 4-ch. tail
 ]
 
 
@@ -155,6 +160,13 @@ def test_sanitize_backward_small(training, channels_last):
                    channels_last=channels_last, training=training, seed=5)  # fmt: skip
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_sanitize_backward_taps(training):
+    # grad_input on the tap-reusing kernel: two tiles in width, the second partial.
+    check_backward((2, 3, 9, 36, 10, 3, 1, 1, 1), dtype=torch.float32, channels_last=False,
+                   training=training, seed=6)  # fmt: skip
+
+
 def test_backward_large_offset_input():
     # mean(y) >> std(y): x_hat and the sums of g * x_hat must not cancel in float32
     # (the kernel centres y on the saved mean before summing).
@@ -174,7 +186,8 @@ def test_backward_runs_the_fused_kernels():
     for kernel in ("finalize_grad_kernel", "conv_tile_kernel", "reduce_weight_grad_kernel"):
         assert kernel in names, (kernel, names[:2000])
     tile = {e.name for e in prof.events() if "conv_tile_kernel" in e.name}
-    assert len(tile) == 3, tile  # kGradStats, kGradOutW, kConv (grad_input)
+    assert len(tile) == 2, tile  # kGradStats, kGradOutW
+    assert "grad_input_taps_kernel" in names, names[:2000]
 
 
 @pytest.mark.parametrize(
@@ -198,16 +211,45 @@ def test_grad_input_dispatch(dtype, stride, padding, dilation, expected):
     assert got is expected
 
 
-def test_eval_backward_takes_grad_input_from_the_tile_kernel():
-    x, p, _ = make(2, 8, 16, 40, 64, 3, dtype=torch.float32, channels_last=False, seed=4)
+@pytest.mark.parametrize(
+    "shape,channels_last,padding,dilation,expected",
+    [
+        ((2, 8, 12, 12, 64, 3), False, 1, 1, True),
+        ((2, 3, 12, 14, 20, 3), False, 0, 1, True),
+        ((2, 8, 12, 13, 64, 3), False, 2, 1, True),
+        ((2, 8, 12, 12, 64, 3), True, 1, 1, False),  # NHWC: kConv
+        ((2, 8, 12, 12, 64, 3), False, 3, 1, False),  # padding > 2: cuDNN
+        ((2, 9, 12, 12, 64, 3), False, 1, 1, False),  # C_in > 8
+        ((2, 8, 12, 12, 65, 3), False, 1, 1, False),  # C_out > 64
+        ((2, 8, 12, 12, 64, 5), False, 2, 1, False),  # 5x5
+        ((2, 8, 12, 12, 64, 3), False, 2, 2, False),  # dilation 2
+    ],
+)
+def test_grad_input_taps_dispatch(shape, channels_last, padding, dilation, expected):
+    n, c_in, h, w, c_out, k = shape
+    x = torch.randn(n, c_in, h, w, device=CUDA)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, k, k, device=CUDA)
+    args = (x, weight, [1, 1], [padding] * 2, [dilation] * 2, 1)
+    assert fused_conv._C.cuda_grad_input_taps_supports(*args) is expected
+    # kConv covers the others but padding > dilation*(k-1)
+    covered = expected or padding <= dilation * (k - 1)
+    assert fused_conv._C.cuda_grad_input_tile_supports(*args) is covered
+
+
+@pytest.mark.parametrize(
+    "c_in,grad_input_kernel", [(8, "grad_input_taps_kernel"), (9, "TileMode)5")]
+)  # TileMode)5: demangled TileMode::kConv
+def test_eval_backward_takes_grad_input_from_the_tile_kernel(c_in, grad_input_kernel):
+    x, p, _ = make(2, c_in, 16, 40, 64, 3, dtype=torch.float32, channels_last=False, seed=4)
     x.requires_grad_()
     out = forward(x, p, training=False, stride=1, padding=1, dilation=1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out.backward(torch.randn_like(out))
         torch.cuda.synchronize()
-    tile = {e.name for e in prof.events() if "conv_tile_kernel" in e.name}
-    assert len(tile) == 2, tile  # the sums (kGradStats) and grad_input (kConv)
-    assert any("TileMode)5" in name for name in tile), tile  # demangled TileMode::kConv
+    names = {e.name for e in prof.events()}
+    assert any(grad_input_kernel in name for name in names), names
 
 
 def test_backward_is_bitwise_reproducible():

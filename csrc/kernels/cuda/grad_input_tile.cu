@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "kernels/cuda/grad_input_taps.h"
 #include "kernels/cuda/tile_launch.cuh"
 
 namespace fused_conv::cuda {
@@ -90,13 +91,18 @@ void launch(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const 
 bool grad_input_tile_supports(const at::Tensor& input, const at::Tensor& weight,
                               at::IntArrayRef stride, at::IntArrayRef padding,
                               at::IntArrayRef dilation, int64_t groups) {
-  return make_grad_input_shape(input, weight, stride, padding, dilation, groups).has_value();
+  return grad_input_taps_supports(input, weight, stride, padding, dilation, groups) ||
+         make_grad_input_shape(input, weight, stride, padding, dilation, groups).has_value();
 }
 
 at::Tensor tile_grad_input(const at::Tensor& grad_conv_out, const at::Tensor& input,
                            const at::Tensor& weight, at::IntArrayRef padding,
                            at::IntArrayRef dilation) {
   const int64_t unit[2] = {1, 1};
+  // The tap-reusing kernel where it applies, the plain-convolution form elsewhere.
+  if (grad_input_taps_supports(input, weight, unit, padding, dilation, 1)) {
+    return grad_input_taps(grad_conv_out, input, weight, padding);
+  }
   const auto shape = make_grad_input_shape(input, weight, unit, padding, dilation, 1);
   TORCH_CHECK(shape.has_value(), "fused_conv: grad_input outside the tile kernel's reach");
   const ConvShape& s = *shape;

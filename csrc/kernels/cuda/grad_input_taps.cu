@@ -1,0 +1,397 @@
+// grad_input of a stride-1 3x3 convolution, reusing each gradient value for all
+// nine taps (the reference problem's data gradient: C_out = 64 -> C_in = 8).
+//
+// With stride 1 and dilation 1,
+//   dX[ci][ih][iw] = sum_{kr,kq} Z[(kr,kq,ci)][ih + pad_h - kr][iw + pad_w - kq],
+//   Z[(kr,kq,ci)][oh][ow] = sum_c W[c][ci][kr][kq] * g[c][oh][ow],
+// so Z is a GEMM per pixel of g (M = pixels, N = 9 taps x 8 input channels = 72,
+// K = C_out) and dX sums nine shifted columns of it. The plain-convolution form
+// (TileMode::kConv) gathers every g value nine times and feeds each gather to
+// only N = 8 output channels; here each value is loaded and 3xTF32-split once
+// and feeds 72 columns, and the tap sums are cheap shared-memory reads.
+//
+// Tiling: a block of 8 warps owns an output tile of 8 rows x 32 columns of one
+// image. It needs g on the tile's halo, 10 x 34 pixels (340 rows of the GEMM,
+// 22 m16 fragments: warp w takes fragments w, w + 8, w + 16), staged in
+// 16-channel slices (two k8 steps) through a 3-deep cp.async ring. A halo row is
+// copied in aligned vectors of kVec = 4, 2 or 1 floats from the aligned column
+// at or before the halo's first: the widest kVec that divides the width of g
+// (and its address), so that every vector is wholly inside the image or wholly
+// padding (the reference problem's 126 columns take 8-byte copies).
+// After the last slice the accumulators (Z on the halo) go to shared memory
+// and warp w sums the taps for output row w, one column per lane, for each
+// input channel: coalesced 128-byte stores. The weights, pre-split into TF32
+// big/small parts in mma fragment order, stay in shared memory for the whole
+// persistent launch. Shared memory: ring 81 KB + Z 100 KB + weights 36 KB, so
+// one block per multiprocessor.
+#include "kernels/cuda/grad_input_taps.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cuda/tf32_mma.cuh"
+#include "kernels/cuda/tile_launch.cuh"
+
+namespace fused_conv::cuda {
+namespace {
+
+constexpr int kTapWarps = 8;
+constexpr int kTapThreads = kTapWarps * 32;
+constexpr int kOutRows = kTapWarps;  // output rows per tile: one per warp in the tap sums
+constexpr int kOutCols = 32;         // output columns per tile: one per lane
+constexpr int kHaloRows = kOutRows + 2;
+constexpr int kHaloCols = kOutCols + 2;
+constexpr int kHaloPixels = kHaloRows * kHaloCols;        // 340 GEMM rows
+constexpr int kMFrags = (kHaloPixels + 15) / 16;           // 22 m16 fragments
+constexpr int kMPerWarp = (kMFrags + kTapWarps - 1) / kTapWarps;  // 3
+constexpr int kStagedCols = 40;  // room for the 34 halo columns after an alignment offset <= 3
+// Vectors per staged row: enough for col_off + 34 columns at the largest col_off.
+template <int kVec>
+constexpr int kVecsPerRow = kVec == 4 ? 10 : kVec == 2 ? 18 : 34;
+constexpr int kSlice = 16;  // channels of g per ring stage: two k8 steps
+constexpr int kStages = 3;
+// Channel planes of a stage 424 words apart (= 8 mod 32): the A fragment's
+// lanes (8 pixels x 4 channels) hit 32 different banks.
+constexpr int kPlaneStride = 424;
+constexpr int kStageFloats = kSlice * kPlaneStride;
+constexpr int kCx = 8;                 // input channels the N columns cover
+constexpr int kTaps = 9;               // 3x3: one n8 fragment per tap
+constexpr int kN = kTaps * kCx;        // 72
+// Z is [n][pixel], rows 356 words apart (= 4 mod 32): the accumulator stores
+// (8 pixels x 4 even columns per instruction) are conflict-free.
+constexpr int kZStride = 356;
+constexpr int kMaxSlices = 4;          // C_out <= 64: the weights fit next to ring and Z
+constexpr int kMaxKSteps = kMaxSlices * kSlice / 8;
+
+constexpr size_t kSmemBytes = sizeof(float) * (kStages * kStageFloats + kN * kZStride) +
+                              sizeof(uint4) * kMaxKSteps * kTaps * 32;
+static_assert(kMFrags * 16 <= kZStride, "Z rows hold every GEMM row");
+static_assert(kSmemBytes <= 227 * 1024, "one block per multiprocessor");
+static_assert(4 * kVecsPerRow<4> >= 3 + kHaloCols && 2 * kVecsPerRow<2> >= 1 + kHaloCols &&
+                  kVecsPerRow<1> >= kHaloCols,
+              "a staged row covers the halo after the alignment offset");
+static_assert(4 * kVecsPerRow<4> <= kStagedCols && 2 * kVecsPerRow<2> <= kStagedCols,
+              "staged rows fit their shared-memory rows");
+
+struct TapShape {
+  int64_t n, tiles;
+  int c_g, h_g, w_g;  // g: the conv output's channels and size
+  int c_x, h, w;      // grad_input: the conv input's channels and size
+  int pad_h, pad_w;
+  int col_off;        // halo column 0 within the staged row (kVec-aligned start)
+  int tiles_h, tiles_w, slices;
+};
+
+struct TapTile {
+  int64_t n;
+  int ih0, iw0;
+};
+
+__device__ __forceinline__ TapTile tap_tile(const TapShape& s, int64_t tile) {
+  TapTile t;
+  const int64_t rows = tile / s.tiles_w;
+  t.iw0 = static_cast<int>(tile - rows * s.tiles_w) * kOutCols;
+  t.n = rows / s.tiles_h;
+  t.ih0 = static_cast<int>(rows - t.n * s.tiles_h) * kOutRows;
+  return t;
+}
+
+// kVec-float asynchronous copy; a zero vector where !valid (padding).
+template <int kVec>
+__device__ __forceinline__ void cp_async_vec(float* smem_dst, const float* gmem_src, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  if constexpr (kVec == 4) {  // 16 bytes may bypass L1 (.cg): g is streamed once
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src),
+                 "r"(valid ? 16 : 0));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem_src),
+                 "n"(4 * kVec), "r"(valid ? 4 * kVec : 0));
+  }
+}
+
+// Stages channels [slice*16, slice*16 + 16) of g on the tile's halo: rows
+// ih0 + pad_h - 2 + (0..9), columns from the aligned iw0 + pad_w - 2 - col_off.
+template <int kVec>
+__device__ __forceinline__ void stage_slice(const float* __restrict__ g, const TapShape& s,
+                                            const TapTile& t, int slice, float* dst) {
+  constexpr int kRowVecs = kVecsPerRow<kVec>;
+  constexpr int kVecs = kSlice * kHaloRows * kRowVecs;
+  const int oh0 = t.ih0 + s.pad_h - 2;
+  const int ow0 = t.iw0 + s.pad_w - 2 - s.col_off;
+  const float* img = g + t.n * s.c_g * s.h_g * s.w_g;
+  for (int v = threadIdx.x; v < kVecs; v += kTapThreads) {
+    const int c = v / (kHaloRows * kRowVecs);
+    const int rest = v - c * (kHaloRows * kRowVecs);
+    const int row = rest / kRowVecs;
+    const int vec = rest - row * kRowVecs;
+    const int gc = slice * kSlice + c, oh = oh0 + row, ow = ow0 + kVec * vec;
+    const bool inside = gc < s.c_g && static_cast<unsigned>(oh) < static_cast<unsigned>(s.h_g) &&
+                        static_cast<unsigned>(ow) < static_cast<unsigned>(s.w_g);
+    const float* src = inside ? img + (gc * s.h_g + oh) * s.w_g + ow : g;
+    cp_async_vec<kVec>(dst + c * kPlaneStride + row * kStagedCols + kVec * vec, src, inside);
+  }
+  cp_async_commit();
+}
+
+template <int kVec>
+__global__ void __launch_bounds__(kTapThreads, 1)
+    grad_input_taps_kernel(const float* __restrict__ g, const float* __restrict__ w,
+                           float* __restrict__ out, TapShape s) {
+  extern __shared__ uint4 smem_u4[];
+  float* ring = reinterpret_cast<float*>(smem_u4);
+  float* z = ring + kStages * kStageFloats;
+  uint4* b_frags = reinterpret_cast<uint4*>(z + kN * kZStride);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int fg = lane / 4, ft = lane % 4;  // mma fragment row group / thread in group
+  const int k_steps = s.slices * (kSlice / 8);
+
+  // B[k = c][n = (kr*3 + kq)*8 + ci] = W[c][ci][kr][kq] (0 past C_out / C_in),
+  // as {b0 big, b1 big, b0 small, b1 small} per (k-step, tap, lane).
+  for (int i = threadIdx.x; i < k_steps * kTaps * 32; i += kTapThreads) {
+    const int l = i % 32, tap = (i / 32) % kTaps, ks = i / (32 * kTaps);
+    const int ci = l / 4, c0 = ks * 8 + l % 4, c1 = c0 + 4;
+    const bool col = ci < s.c_x;
+    const float w0 = col && c0 < s.c_g ? w[(c0 * s.c_x + ci) * kTaps + tap] : 0.f;
+    const float w1 = col && c1 < s.c_g ? w[(c1 * s.c_x + ci) * kTaps + tap] : 0.f;
+    uint4 b;
+    split_tf32(w0, b.x, b.z);
+    split_tf32(w1, b.y, b.w);
+    b_frags[i] = b;
+  }
+
+  // This thread's A rows (halo pixels fg and fg + 8 of each of its m16
+  // fragments) as word offsets in a channel plane; rows past the halo read
+  // word 0 (their Z rows are never summed).
+  int a_off[kMPerWarp][2];
+#pragma unroll
+  for (int j = 0; j < kMPerWarp; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = (warp + kTapWarps * j) * 16 + fg + 8 * h;
+      a_off[j][h] = m < kHaloPixels ? (m / kHaloCols) * kStagedCols + m % kHaloCols + s.col_off : 0;
+    }
+  }
+  // Warps 0..5 own three fragments, 6 and 7 two (22 = 8 + 8 + 6).
+  const bool third = warp + 2 * kTapWarps < kMFrags;
+
+  const int64_t my_tiles =
+      s.tiles > blockIdx.x ? (s.tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  const int64_t items = my_tiles * s.slices;  // (tile, slice) pairs through the ring
+  auto tile_of = [&](int64_t item) {
+    return tap_tile(s, blockIdx.x + (item / s.slices) * gridDim.x);
+  };
+  for (int p = 0; p < kStages - 1; ++p) {
+    if (p < items) {
+      stage_slice<kVec>(g, s, tile_of(p), p % s.slices, ring + p * kStageFloats);
+    } else {
+      cp_async_commit();
+    }
+  }
+
+  float acc[kMPerWarp][kTaps][4];
+#pragma unroll
+  for (int j = 0; j < kMPerWarp; ++j)
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][t][e] = 0.f;
+
+  for (int64_t item = 0; item < items; ++item) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // the slice landed for all threads; the slot staged next is free
+    const int64_t next = item + kStages - 1;
+    if (next < items) {
+      stage_slice<kVec>(g, s, tile_of(next), static_cast<int>(next % s.slices),
+                  ring + (next % kStages) * kStageFloats);
+    } else {
+      cp_async_commit();
+    }
+    const int slice = static_cast<int>(item % s.slices);
+    const float* a_src = ring + (item % kStages) * kStageFloats;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float* plane = a_src + (half * 8 + ft) * kPlaneStride;
+      uint32_t a_big[kMPerWarp][4], a_small[kMPerWarp][4];
+#pragma unroll
+      for (int j = 0; j < kMPerWarp; ++j) {
+        if (j < 2 || third) {
+          // a0 = A[fg][ft], a1 = A[fg+8][ft], a2 = A[fg][ft+4], a3 = A[fg+8][ft+4]
+          split_tf32(plane[a_off[j][0]], a_big[j][0], a_small[j][0]);
+          split_tf32(plane[a_off[j][1]], a_big[j][1], a_small[j][1]);
+          split_tf32(plane[4 * kPlaneStride + a_off[j][0]], a_big[j][2], a_small[j][2]);
+          split_tf32(plane[4 * kPlaneStride + a_off[j][1]], a_big[j][3], a_small[j][3]);
+        }
+      }
+      const uint4* b_step = b_frags + ((slice * 2 + half) * kTaps) * 32 + lane;
+#pragma unroll
+      for (int t = 0; t < kTaps; ++t) {
+        const uint4 b = b_step[t * 32];
+#pragma unroll
+        for (int j = 0; j < kMPerWarp; ++j) {
+          if (j < 2 || third) {
+            // 3xTF32, small products first.
+            mma_tf32(acc[j][t], a_small[j], b.x, b.y);
+            mma_tf32(acc[j][t], a_big[j], b.z, b.w);
+            mma_tf32(acc[j][t], a_big[j], b.x, b.y);
+          }
+        }
+      }
+    }
+    if (slice != s.slices - 1) continue;
+
+    // The tile's Z is complete: d0 = Z[row fg][col 2ft], d1 = col 2ft + 1,
+    // d2/d3 = row fg + 8.
+#pragma unroll
+    for (int j = 0; j < kMPerWarp; ++j) {
+      if (j < 2 || third) {
+        const int m = (warp + kTapWarps * j) * 16 + fg;
+#pragma unroll
+        for (int t = 0; t < kTaps; ++t) {
+          float* zc = z + (t * 8 + 2 * ft) * kZStride + m;
+          zc[0] = acc[j][t][0];
+          zc[kZStride] = acc[j][t][1];
+          zc[8] = acc[j][t][2];
+          zc[kZStride + 8] = acc[j][t][3];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[j][t][e] = 0.f;
+        }
+      }
+    }
+    __syncthreads();
+    // Output row ih0 + warp, column iw0 + lane: the pixel at halo (warp + 2 - kr,
+    // lane + 2 - kq) receives through tap (kr, kq). Z is rewritten only after the
+    // next tile's first slice barrier, which every thread reaches after this.
+    const TapTile tt = tile_of(item);
+    const int ih = tt.ih0 + warp, iw = tt.iw0 + lane;
+    if (ih < s.h && iw < s.w) {
+      float* dst = out + tt.n * s.c_x * s.h * s.w + ih * s.w + iw;
+      const float* zp = z + (warp + 2) * kHaloCols + lane + 2;
+      for (int ci = 0; ci < s.c_x; ++ci) {
+        float sum = 0.f;
+#pragma unroll
+        for (int kr = 0; kr < 3; ++kr)
+#pragma unroll
+          for (int kq = 0; kq < 3; ++kq)
+            sum += zp[((kr * 3 + kq) * kCx + ci) * kZStride - kr * kHaloCols - kq];
+        dst[ci * s.h * s.w] = sum;
+      }
+    }
+  }
+  cp_async_wait<0>();  // no copy outlives the block
+}
+
+// Whether the device lets one block have kSmemBytes of shared memory (Hopper's
+// 227 KB; A100's 163 KB and the 99 KB of sm_86/sm_89 do not).
+bool fits_shared_memory(int device) {
+  static int cache[64] = {0};
+  if (device >= 0 && device < 64 && cache[device] != 0) return cache[device] > 0;
+  int optin = 0;
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const bool fits = static_cast<size_t>(optin) >= kSmemBytes;
+  if (device >= 0 && device < 64) cache[device] = fits ? 1 : -1;
+  return fits;
+}
+
+std::optional<TapShape> make_tap_shape(const at::Tensor& input, const at::Tensor& weight,
+                                       at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, int64_t groups) {
+  if (input.scalar_type() != at::kFloat || input.dim() != 4 || weight.dim() != 4 ||
+      groups != 1 || stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1 ||
+      weight.size(2) != 3 || weight.size(3) != 3 || padding[0] < 0 || padding[0] > 2 ||
+      padding[1] < 0 || padding[1] > 2 || input.numel() == 0 ||
+      input.suggest_memory_format() != at::MemoryFormat::Contiguous || !input.is_cuda() ||
+      !fits_shared_memory(input.get_device())) {
+    return std::nullopt;
+  }
+  const int64_t c_x = input.size(1), h = input.size(2), w = input.size(3);
+  const int64_t c_g = weight.size(0);
+  const int64_t h_g = h + 2 * padding[0] - 2, w_g = w + 2 * padding[1] - 2;
+  constexpr int64_t kInt32 = int64_t{1} << 31;
+  if (c_x > kCx || c_g > kMaxSlices * kSlice || h_g <= 0 || w_g <= 0 ||
+      c_g * h_g * w_g >= kInt32 || c_x * h * w >= kInt32) {
+    return std::nullopt;
+  }
+  TapShape s{};
+  s.n = input.size(0);
+  s.c_g = static_cast<int>(c_g);
+  s.h_g = static_cast<int>(h_g);
+  s.w_g = static_cast<int>(w_g);
+  s.c_x = static_cast<int>(c_x);
+  s.h = static_cast<int>(h);
+  s.w = static_cast<int>(w);
+  s.pad_h = static_cast<int>(padding[0]);
+  s.pad_w = static_cast<int>(padding[1]);
+  s.tiles_h = (s.h + kOutRows - 1) / kOutRows;
+  s.tiles_w = (s.w + kOutCols - 1) / kOutCols;
+  s.tiles = s.n * s.tiles_h * s.tiles_w;
+  s.slices = static_cast<int>((c_g + kSlice - 1) / kSlice);
+  return s;
+}
+
+template <int kVec>
+void launch(const TapShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& out) {
+  auto kernel = grad_input_taps_kernel<kVec>;
+  static bool attribute_set = false;  // per instantiation
+  if (!attribute_set) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(kSmemBytes)));
+    attribute_set = true;
+  }
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  // Persistent: one block per multiprocessor (the shared memory allows no more).
+  const int grid = static_cast<int>(std::clamp<int64_t>(s.tiles, 1, multiprocessors(device)));
+  kernel<<<grid, kTapThreads, kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(
+      g.const_data_ptr<float>(), w.const_data_ptr<float>(), out.mutable_data_ptr<float>(), s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool grad_input_taps_supports(const at::Tensor& input, const at::Tensor& weight,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups) {
+  return make_tap_shape(input, weight, stride, padding, dilation, groups).has_value();
+}
+
+at::Tensor grad_input_taps(const at::Tensor& grad_conv_out, const at::Tensor& input,
+                           const at::Tensor& weight, at::IntArrayRef padding) {
+  const int64_t unit[2] = {1, 1};
+  const auto shape = make_tap_shape(input, weight, unit, padding, unit, 1);
+  TORCH_CHECK(shape.has_value(), "fused_conv: grad_input outside the tap kernel's reach");
+  const TapShape& s = *shape;
+  const at::Tensor g = grad_conv_out.contiguous();
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.size(0) == s.n && g.size(1) == s.c_g &&
+                  g.size(2) == s.h_g && g.size(3) == s.w_g,
+              "fused_conv: grad_input_taps expected a float32 gradient of shape [", s.n, ", ",
+              s.c_g, ", ", s.h_g, ", ", s.w_g, "], got ", g.scalar_type(), " ", g.sizes());
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  at::Tensor grad_input = at::empty(input.sizes(), input.options());
+  // The widest copy every row start allows: rows are w_g floats apart.
+  const auto address = reinterpret_cast<uintptr_t>(g.const_data_ptr());
+  const int vec = s.w_g % 4 == 0 && address % 16 == 0 ? 4 : s.w_g % 2 == 0 && address % 8 == 0 ? 2 : 1;
+  TapShape launched = s;
+  // iw0 is a multiple of 32, so the halo's first column iw0 + pad_w - 2 sits
+  // (pad_w - 2) mod vec columns past a vec-aligned one (the staged rows have
+  // room for it: kVecsPerRow).
+  launched.col_off = ((s.pad_w - 2) % vec + vec) % vec;
+  switch (vec) {
+    case 4:
+      launch<4>(launched, g, w, grad_input);
+      break;
+    case 2:
+      launch<2>(launched, g, w, grad_input);
+      break;
+    default:
+      launch<1>(launched, g, w, grad_input);
+  }
+  return grad_input;
+}
+
+}  // namespace fused_conv::cuda
