@@ -130,8 +130,8 @@ SHAPES = [
     (2, 17, 13, 40, 20, 3, 1, 1, 1),  # grad_input: 3 slices (the last 4 channels), 32-ch. blocks
     (2, 3, 10, 12, 9, 3, 1, 3, 1),  # padding > dilation*(k-1): cuDNN's grad_input
     (2, 8, 37, 44, 64, 3, 1, 1, 1),  # taps, 16-byte rows: row (37 = 4*8 + 5), column tails
-    (3, 3, 21, 70, 40, 3, 1, 0, 1),  # taps, 4-byte rows (68): padding 0, 3 slices, 8-ch. tail
-    (2, 5, 14, 34, 20, 3, 1, 2, 1),  # taps, 8-byte rows (38): padding 2, 2 slices, 4-ch. tail
+    (3, 3, 21, 69, 40, 3, 1, 0, 1),  # taps, 4-byte rows (67): padding 0, 3 slices, 8-ch. tail
+    (2, 5, 14, 32, 20, 3, 1, 2, 1),  # taps, 8-byte rows (34): padding 2, 2 slices, 4-ch. tail
 ]
 
 
@@ -160,10 +160,12 @@ def test_sanitize_backward_small(training, channels_last):
                    channels_last=channels_last, training=training, seed=5)  # fmt: skip
 
 
+@pytest.mark.parametrize("width", [36, 34, 35], ids=["copy16", "copy8", "copy4"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_sanitize_backward_taps(training):
-    # grad_input on the tap-reusing kernel: two tiles in width, the second partial.
-    check_backward((2, 3, 9, 36, 10, 3, 1, 1, 1), dtype=torch.float32, channels_last=False,
+def test_sanitize_backward_taps(training, width):
+    # grad_input on the tap-reusing kernel: two tiles in width, the second partial; the
+    # width picks the row copies (16, 8 or 4 bytes).
+    check_backward((2, 3, 9, width, 10, 3, 1, 1, 1), dtype=torch.float32, channels_last=False,
                    training=training, seed=6)  # fmt: skip
 
 

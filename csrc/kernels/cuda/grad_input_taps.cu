@@ -115,24 +115,35 @@ __device__ __forceinline__ void cp_async_vec(float* smem_dst, const float* gmem_
 
 // Stages channels [slice*16, slice*16 + 16) of g on the tile's halo: rows
 // ih0 + pad_h - 2 + (0..9), columns from the aligned iw0 + pad_w - 2 - col_off.
+// A thread owns one (row, vector) position and copies it for all 16 channels:
+// the bounds and the address are worked out once per position, and each copy
+// costs a pointer step. With fewer positions than threads (kVec = 4: 100,
+// kVec = 2: 180) the last threads copy: warps 6 and 7 hold the fewest m16
+// fragments.
 template <int kVec>
 __device__ __forceinline__ void stage_slice(const float* __restrict__ g, const TapShape& s,
                                             const TapTile& t, int slice, float* dst) {
   constexpr int kRowVecs = kVecsPerRow<kVec>;
-  constexpr int kVecs = kSlice * kHaloRows * kRowVecs;
+  constexpr int kPositions = kHaloRows * kRowVecs;
+  constexpr int kFirst = kPositions >= kTapThreads ? 0 : kTapThreads - kPositions;
   const int oh0 = t.ih0 + s.pad_h - 2;
   const int ow0 = t.iw0 + s.pad_w - 2 - s.col_off;
-  const float* img = g + t.n * s.c_g * s.h_g * s.w_g;
-  for (int v = threadIdx.x; v < kVecs; v += kTapThreads) {
-    const int c = v / (kHaloRows * kRowVecs);
-    const int rest = v - c * (kHaloRows * kRowVecs);
-    const int row = rest / kRowVecs;
-    const int vec = rest - row * kRowVecs;
-    const int gc = slice * kSlice + c, oh = oh0 + row, ow = ow0 + kVec * vec;
-    const bool inside = gc < s.c_g && static_cast<unsigned>(oh) < static_cast<unsigned>(s.h_g) &&
+  const int plane = s.h_g * s.w_g;
+  const int channels = min(kSlice, s.c_g - slice * kSlice);  // the last slice's tail
+  const float* img = g + (t.n * s.c_g + slice * kSlice) * plane;
+  for (int p = static_cast<int>(threadIdx.x) - kFirst; p >= 0 && p < kPositions;
+       p += kTapThreads) {
+    const int row = p / kRowVecs, vec = p - (p / kRowVecs) * kRowVecs;
+    const int oh = oh0 + row, ow = ow0 + kVec * vec;
+    const bool inside = static_cast<unsigned>(oh) < static_cast<unsigned>(s.h_g) &&
                         static_cast<unsigned>(ow) < static_cast<unsigned>(s.w_g);
-    const float* src = inside ? img + (gc * s.h_g + oh) * s.w_g + ow : g;
-    cp_async_vec<kVec>(dst + c * kPlaneStride + row * kStagedCols + kVec * vec, src, inside);
+    const float* src = inside ? img + oh * s.w_g + ow : g;
+    float* d = dst + row * kStagedCols + kVec * vec;
+#pragma unroll
+    for (int c = 0; c < kSlice; ++c) {
+      const bool valid = inside && c < channels;
+      cp_async_vec<kVec>(d + c * kPlaneStride, valid ? src + c * plane : g, valid);
+    }
   }
   cp_async_commit();
 }
@@ -181,17 +192,24 @@ __global__ void __launch_bounds__(kTapThreads, 1)
 
   const int64_t my_tiles =
       s.tiles > blockIdx.x ? (s.tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  const int64_t items = my_tiles * s.slices;  // (tile, slice) pairs through the ring
-  auto tile_of = [&](int64_t item) {
-    return tap_tile(s, blockIdx.x + (item / s.slices) * gridDim.x);
-  };
-  for (int p = 0; p < kStages - 1; ++p) {
-    if (p < items) {
-      stage_slice<kVec>(g, s, tile_of(p), p % s.slices, ring + p * kStageFloats);
+  // The ring carries (tile, slice) items; the producer runs kStages - 1 items
+  // ahead and advances by increments (a tile is decoded once, not per item).
+  int64_t p_iter = 0;
+  int p_slice = 0, p_slot = 0;
+  TapTile p_tile = tap_tile(s, blockIdx.x);
+  auto stage_next = [&] {
+    if (p_iter < my_tiles) {
+      stage_slice<kVec>(g, s, p_tile, p_slice, ring + p_slot * kStageFloats);
+      if (++p_slice == s.slices) {
+        p_slice = 0;
+        if (++p_iter < my_tiles) p_tile = tap_tile(s, blockIdx.x + p_iter * gridDim.x);
+      }
     } else {
-      cp_async_commit();
+      cp_async_commit();  // an empty group keeps the wait_group count uniform
     }
-  }
+    p_slot = p_slot + 1 == kStages ? 0 : p_slot + 1;
+  };
+  for (int p = 0; p < kStages - 1; ++p) stage_next();
 
   float acc[kMPerWarp][kTaps][4];
 #pragma unroll
@@ -201,48 +219,52 @@ __global__ void __launch_bounds__(kTapThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][t][e] = 0.f;
 
-  for (int64_t item = 0; item < items; ++item) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // the slice landed for all threads; the slot staged next is free
-    const int64_t next = item + kStages - 1;
-    if (next < items) {
-      stage_slice<kVec>(g, s, tile_of(next), static_cast<int>(next % s.slices),
-                  ring + (next % kStages) * kStageFloats);
-    } else {
-      cp_async_commit();
-    }
-    const int slice = static_cast<int>(item % s.slices);
-    const float* a_src = ring + (item % kStages) * kStageFloats;
+  int c_slot = 0;
+  TapTile c_tile = tap_tile(s, blockIdx.x);
+  for (int64_t iter = 0; iter < my_tiles; ++iter) {
+    for (int slice = 0; slice < s.slices; ++slice) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // the slice landed for all threads; the slot staged next is free
+      stage_next();
+      const float* a_src = ring + c_slot * kStageFloats;
+      c_slot = c_slot + 1 == kStages ? 0 : c_slot + 1;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float* plane = a_src + (half * 8 + ft) * kPlaneStride;
-      uint32_t a_big[kMPerWarp][4], a_small[kMPerWarp][4];
-#pragma unroll
-      for (int j = 0; j < kMPerWarp; ++j) {
-        if (j < 2 || third) {
-          // a0 = A[fg][ft], a1 = A[fg+8][ft], a2 = A[fg][ft+4], a3 = A[fg+8][ft+4]
-          split_tf32(plane[a_off[j][0]], a_big[j][0], a_small[j][0]);
-          split_tf32(plane[a_off[j][1]], a_big[j][1], a_small[j][1]);
-          split_tf32(plane[4 * kPlaneStride + a_off[j][0]], a_big[j][2], a_small[j][2]);
-          split_tf32(plane[4 * kPlaneStride + a_off[j][1]], a_big[j][3], a_small[j][3]);
-        }
-      }
-      const uint4* b_step = b_frags + ((slice * 2 + half) * kTaps) * 32 + lane;
-#pragma unroll
-      for (int t = 0; t < kTaps; ++t) {
-        const uint4 b = b_step[t * 32];
+      for (int half = 0; half < 2; ++half) {
+        const float* plane = a_src + (half * 8 + ft) * kPlaneStride;
+        uint32_t a_big[kMPerWarp][4], a_small[kMPerWarp][4];
 #pragma unroll
         for (int j = 0; j < kMPerWarp; ++j) {
           if (j < 2 || third) {
-            // 3xTF32, small products first.
-            mma_tf32(acc[j][t], a_small[j], b.x, b.y);
-            mma_tf32(acc[j][t], a_big[j], b.z, b.w);
-            mma_tf32(acc[j][t], a_big[j], b.x, b.y);
+            // a0 = A[fg][ft], a1 = A[fg+8][ft], a2 = A[fg][ft+4], a3 = A[fg+8][ft+4]
+            split_tf32(plane[a_off[j][0]], a_big[j][0], a_small[j][0]);
+            split_tf32(plane[a_off[j][1]], a_big[j][1], a_small[j][1]);
+            split_tf32(plane[4 * kPlaneStride + a_off[j][0]], a_big[j][2], a_small[j][2]);
+            split_tf32(plane[4 * kPlaneStride + a_off[j][1]], a_big[j][3], a_small[j][3]);
           }
         }
+        const uint4* b_step = b_frags + ((slice * 2 + half) * kTaps) * 32 + lane;
+        uint4 b[kTaps];
+#pragma unroll
+        for (int t = 0; t < kTaps; ++t) b[t] = b_step[t * 32];
+        // 3xTF32, small products first; product-major so that the 27 (or 18)
+        // independent accumulators separate the dependent MMAs of one.
+#pragma unroll
+        for (int t = 0; t < kTaps; ++t)
+#pragma unroll
+          for (int j = 0; j < kMPerWarp; ++j)
+            if (j < 2 || third) mma_tf32(acc[j][t], a_small[j], b[t].x, b[t].y);
+#pragma unroll
+        for (int t = 0; t < kTaps; ++t)
+#pragma unroll
+          for (int j = 0; j < kMPerWarp; ++j)
+            if (j < 2 || third) mma_tf32(acc[j][t], a_big[j], b[t].z, b[t].w);
+#pragma unroll
+        for (int t = 0; t < kTaps; ++t)
+#pragma unroll
+          for (int j = 0; j < kMPerWarp; ++j)
+            if (j < 2 || third) mma_tf32(acc[j][t], a_big[j], b[t].x, b[t].y);
       }
     }
-    if (slice != s.slices - 1) continue;
 
     // The tile's Z is complete: d0 = Z[row fg][col 2ft], d1 = col 2ft + 1,
     // d2/d3 = row fg + 8.
@@ -266,7 +288,8 @@ __global__ void __launch_bounds__(kTapThreads, 1)
     // Output row ih0 + warp, column iw0 + lane: the pixel at halo (warp + 2 - kr,
     // lane + 2 - kq) receives through tap (kr, kq). Z is rewritten only after the
     // next tile's first slice barrier, which every thread reaches after this.
-    const TapTile tt = tile_of(item);
+    const TapTile tt = c_tile;
+    if (iter + 1 < my_tiles) c_tile = tap_tile(s, blockIdx.x + (iter + 1) * gridDim.x);
     const int ih = tt.ih0 + warp, iw = tt.iw0 + lane;
     if (ih < s.h && iw < s.w) {
       float* dst = out + tt.n * s.c_x * s.h * s.w + ih * s.w + iw;
