@@ -35,6 +35,7 @@
 
 #include "kernels/cuda/tf32_mma.cuh"
 #include "kernels/cuda/tile_launch.cuh"
+#include "kernels/cuda/wgmma_tf32.cuh"
 
 namespace fused_conv::cuda {
 namespace {
@@ -70,6 +71,7 @@ constexpr int kMaxKSteps = kMaxSlices * kSlice / 8;
 constexpr size_t kSmemBytes = sizeof(float) * (kStages * kStageFloats + kN * kZStride) +
                               sizeof(uint4) * kMaxKSteps * kTaps * 32;
 static_assert(kMFrags * 16 <= kZStride, "Z rows hold every GEMM row");
+static_assert(2 * kMPerWarp * 64 >= kHaloPixels, "two warpgroups' m64 blocks cover the halo");
 static_assert(kSmemBytes <= 227 * 1024, "one block per multiprocessor");
 static_assert(4 * kVecsPerRow<4> >= 3 + kHaloCols && 2 * kVecsPerRow<2> >= 1 + kHaloCols &&
                   kVecsPerRow<1> >= kHaloCols,
@@ -148,6 +150,25 @@ __device__ __forceinline__ void stage_slice(const float* __restrict__ g, const T
   cp_async_commit();
 }
 
+// The GEMM rows (halo pixels) of this thread's accumulator fragment j: rows
+// frag_row + fg and + fg + 8, as in an m16n8 fragment.
+#if FUSED_CONV_WGMMA
+// wgmma: warpgroup wg (warps 4wg..4wg+3) owns the m64 blocks wg, wg + 2 and
+// wg + 4 (6 blocks, 384 rows of which 340 are the halo); warp w holds rows
+// 16*(w % 4)..+15 of each block.
+__device__ __forceinline__ int frag_row(int warp, int j) {
+  return (warp / 4 + 2 * j) * 64 + (warp % 4) * 16;
+}
+__device__ __forceinline__ bool frag_live(int, int) { return true; }
+#else
+// mma.sync: 22 m16 fragments, warp w owns w, w + 8 and w + 16 (warps 6 and 7
+// only two).
+__device__ __forceinline__ int frag_row(int warp, int j) { return (warp + kTapWarps * j) * 16; }
+__device__ __forceinline__ bool frag_live(int warp, int j) {
+  return warp + kTapWarps * j < kMFrags;
+}
+#endif
+
 template <int kVec>
 __global__ void __launch_bounds__(kTapThreads, 1)
     grad_input_taps_kernel(const float* __restrict__ g, const float* __restrict__ w,
@@ -160,35 +181,49 @@ __global__ void __launch_bounds__(kTapThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int fg = lane / 4, ft = lane % 4;  // mma fragment row group / thread in group
   const int k_steps = s.slices * (kSlice / 8);
-
   // B[k = c][n = (kr*3 + kq)*8 + ci] = W[c][ci][kr][kq] (0 past C_out / C_in),
-  // as {b0 big, b1 big, b0 small, b1 small} per (k-step, tap, lane).
+  // split into TF32 big and small parts.
+  auto weight_at = [&](int c, int n) -> float {
+    const int tap = n / kCx, ci = n % kCx;
+    return c < s.c_g && ci < s.c_x ? w[(c * s.c_x + ci) * kTaps + tap] : 0.f;
+  };
+#if FUSED_CONV_WGMMA
+  // K-major without swizzle (wgmma_tf32.cuh): word i of a term's array is
+  // k-step i / (8*kN), k-half, column n, k % 4; the big array, then the small.
+  float* b_words_sm = reinterpret_cast<float*>(b_frags);
+  const int b_words = k_steps * kN * 8;
+  for (int i = threadIdx.x; i < b_words; i += kTapThreads) {
+    const int ks = i / (kN * 8), kc = (i / (kN * 4)) & 1;
+    uint32_t big, small;
+    split_tf32(weight_at(ks * 8 + kc * 4 + (i & 3), (i % (kN * 4)) >> 2), big, small);
+    b_words_sm[i] = __uint_as_float(big);
+    b_words_sm[b_words + i] = __uint_as_float(small);
+  }
+  const uint64_t desc_big = wgmma_desc_k_major(b_words_sm, kN * 16, 128);
+  const uint64_t desc_small = desc_big + ((b_words * 4) >> 4);
+#else
+  // mma.sync fragment order: {b0 big, b1 big, b0 small, b1 small} per (k-step, tap, lane).
   for (int i = threadIdx.x; i < k_steps * kTaps * 32; i += kTapThreads) {
     const int l = i % 32, tap = (i / 32) % kTaps, ks = i / (32 * kTaps);
-    const int ci = l / 4, c0 = ks * 8 + l % 4, c1 = c0 + 4;
-    const bool col = ci < s.c_x;
-    const float w0 = col && c0 < s.c_g ? w[(c0 * s.c_x + ci) * kTaps + tap] : 0.f;
-    const float w1 = col && c1 < s.c_g ? w[(c1 * s.c_x + ci) * kTaps + tap] : 0.f;
+    const int n = tap * kCx + l / 4, c0 = ks * 8 + l % 4;
     uint4 b;
-    split_tf32(w0, b.x, b.z);
-    split_tf32(w1, b.y, b.w);
+    split_tf32(weight_at(c0, n), b.x, b.z);
+    split_tf32(weight_at(c0 + 4, n), b.y, b.w);
     b_frags[i] = b;
   }
+#endif
 
-  // This thread's A rows (halo pixels fg and fg + 8 of each of its m16
-  // fragments) as word offsets in a channel plane; rows past the halo read
-  // word 0 (their Z rows are never summed).
+  // This thread's A rows as word offsets in a channel plane; rows past the
+  // halo read word 0 (their Z rows are never stored).
   int a_off[kMPerWarp][2];
 #pragma unroll
   for (int j = 0; j < kMPerWarp; ++j) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int m = (warp + kTapWarps * j) * 16 + fg + 8 * h;
+      const int m = frag_row(warp, j) + fg + 8 * h;
       a_off[j][h] = m < kHaloPixels ? (m / kHaloCols) * kStagedCols + m % kHaloCols + s.col_off : 0;
     }
   }
-  // Warps 0..5 own three fragments, 6 and 7 two (22 = 8 + 8 + 6).
-  const bool third = warp + 2 * kTapWarps < kMFrags;
 
   const int64_t my_tiles =
       s.tiles > blockIdx.x ? (s.tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
@@ -218,6 +253,23 @@ __global__ void __launch_bounds__(kTapThreads, 1)
     for (int t = 0; t < kTaps; ++t)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][t][e] = 0.f;
+  // A of a k-step, split: [half of the slice][fragment][a0..a3]. a0 = A[fg][ft],
+  // a1 = A[fg+8][ft], a2 = A[fg][ft+4], a3 = A[fg+8][ft+4].
+  uint32_t a_big[2][kMPerWarp][4], a_small[2][kMPerWarp][4];
+  auto load_a = [&](const float* plane, int half) {
+#pragma unroll
+    for (int j = 0; j < kMPerWarp; ++j) {
+      if (frag_live(warp, j)) {
+        split_tf32(plane[a_off[j][0]], a_big[half][j][0], a_small[half][j][0]);
+        split_tf32(plane[a_off[j][1]], a_big[half][j][1], a_small[half][j][1]);
+        split_tf32(plane[4 * kPlaneStride + a_off[j][0]], a_big[half][j][2], a_small[half][j][2]);
+        split_tf32(plane[4 * kPlaneStride + a_off[j][1]], a_big[half][j][3], a_small[half][j][3]);
+      }
+    }
+  };
+#if FUSED_CONV_WGMMA
+  wgmma_fence_accumulators(acc);
+#endif
 
   int c_slot = 0;
   TapTile c_tile = tap_tile(s, blockIdx.x);
@@ -230,18 +282,25 @@ __global__ void __launch_bounds__(kTapThreads, 1)
       c_slot = c_slot + 1 == kStages ? 0 : c_slot + 1;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const float* plane = a_src + (half * 8 + ft) * kPlaneStride;
-        uint32_t a_big[kMPerWarp][4], a_small[kMPerWarp][4];
+        load_a(a_src + (half * 8 + ft) * kPlaneStride, half);
+#if FUSED_CONV_WGMMA
+        // 3 blocks x 3 products (small terms first) per k-step, one commit
+        // group. The two halves use the two A register sets: the wait_group<1>
+        // after this commit retires the other half's group, and the fence
+        // keeps its A registers from being reused before that.
+        wgmma_fence();
+        const uint64_t step = static_cast<uint64_t>(slice * 2 + half) * ((kN * 32) >> 4);
 #pragma unroll
-        for (int j = 0; j < kMPerWarp; ++j) {
-          if (j < 2 || third) {
-            // a0 = A[fg][ft], a1 = A[fg+8][ft], a2 = A[fg][ft+4], a3 = A[fg+8][ft+4]
-            split_tf32(plane[a_off[j][0]], a_big[j][0], a_small[j][0]);
-            split_tf32(plane[a_off[j][1]], a_big[j][1], a_small[j][1]);
-            split_tf32(plane[4 * kPlaneStride + a_off[j][0]], a_big[j][2], a_small[j][2]);
-            split_tf32(plane[4 * kPlaneStride + a_off[j][1]], a_big[j][3], a_small[j][3]);
-          }
-        }
+        for (int j = 0; j < kMPerWarp; ++j) wgmma_tf32<kTaps>(acc[j], a_small[half][j], desc_big + step);
+#pragma unroll
+        for (int j = 0; j < kMPerWarp; ++j) wgmma_tf32<kTaps>(acc[j], a_big[half][j], desc_small + step);
+#pragma unroll
+        for (int j = 0; j < kMPerWarp; ++j) wgmma_tf32<kTaps>(acc[j], a_big[half][j], desc_big + step);
+        wgmma_commit();
+        wgmma_wait<1>();
+        wgmma_fence_operands(a_big[1 - half]);
+        wgmma_fence_operands(a_small[1 - half]);
+#else
         const uint4* b_step = b_frags + ((slice * 2 + half) * kTaps) * 32 + lane;
         uint4 b[kTaps];
 #pragma unroll
@@ -252,38 +311,54 @@ __global__ void __launch_bounds__(kTapThreads, 1)
         for (int t = 0; t < kTaps; ++t)
 #pragma unroll
           for (int j = 0; j < kMPerWarp; ++j)
-            if (j < 2 || third) mma_tf32(acc[j][t], a_small[j], b[t].x, b[t].y);
+            if (frag_live(warp, j)) mma_tf32(acc[j][t], a_small[half][j], b[t].x, b[t].y);
 #pragma unroll
         for (int t = 0; t < kTaps; ++t)
 #pragma unroll
           for (int j = 0; j < kMPerWarp; ++j)
-            if (j < 2 || third) mma_tf32(acc[j][t], a_big[j], b[t].z, b[t].w);
+            if (frag_live(warp, j)) mma_tf32(acc[j][t], a_big[half][j], b[t].z, b[t].w);
 #pragma unroll
         for (int t = 0; t < kTaps; ++t)
 #pragma unroll
           for (int j = 0; j < kMPerWarp; ++j)
-            if (j < 2 || third) mma_tf32(acc[j][t], a_big[j], b[t].x, b[t].y);
+            if (frag_live(warp, j)) mma_tf32(acc[j][t], a_big[half][j], b[t].x, b[t].y);
+#endif
       }
     }
+#if FUSED_CONV_WGMMA
+    wgmma_wait<0>();
+    wgmma_fence_operands(a_big[0]);
+    wgmma_fence_operands(a_small[0]);
+    wgmma_fence_operands(a_big[1]);
+    wgmma_fence_operands(a_small[1]);
+    wgmma_fence_accumulators(acc);
+#endif
 
-    // The tile's Z is complete: d0 = Z[row fg][col 2ft], d1 = col 2ft + 1,
-    // d2/d3 = row fg + 8.
+    // The tile's Z is complete: d0 = Z[row m][col 2ft], d1 = col 2ft + 1,
+    // d2/d3 = row m + 8 (rows past the halo are not stored).
 #pragma unroll
     for (int j = 0; j < kMPerWarp; ++j) {
-      if (j < 2 || third) {
-        const int m = (warp + kTapWarps * j) * 16 + fg;
+      if (frag_live(warp, j)) {
+        const int m = frag_row(warp, j) + fg;
 #pragma unroll
         for (int t = 0; t < kTaps; ++t) {
           float* zc = z + (t * 8 + 2 * ft) * kZStride + m;
-          zc[0] = acc[j][t][0];
-          zc[kZStride] = acc[j][t][1];
-          zc[8] = acc[j][t][2];
-          zc[kZStride + 8] = acc[j][t][3];
+          if (m < kHaloPixels) {
+            zc[0] = acc[j][t][0];
+            zc[kZStride] = acc[j][t][1];
+          }
+          if (m + 8 < kHaloPixels) {
+            zc[8] = acc[j][t][2];
+            zc[kZStride + 8] = acc[j][t][3];
+          }
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[j][t][e] = 0.f;
         }
       }
     }
+#if FUSED_CONV_WGMMA
+    wgmma_fence_accumulators(acc);
+#endif
     __syncthreads();
     // Output row ih0 + warp, column iw0 + lane: the pixel at halo (warp + 2 - kr,
     // lane + 2 - kq) receives through tap (kr, kq). Z is rewritten only after the
