@@ -271,31 +271,8 @@ __global__ void __launch_bounds__(kTapThreads, 1)
   wgmma_fence_accumulators(acc);
 #endif
 
-  // dX for output row ih0 + warp, column iw0 + lane from the tile's Z: the pixel
-  // at halo (warp + 2 - kr, lane + 2 - kq) receives through tap (kr, kq).
-  auto sum_taps = [&](const TapTile& tt) {
-    const int ih = tt.ih0 + warp, iw = tt.iw0 + lane;
-    if (ih < s.h && iw < s.w) {
-      float* dst = out + tt.n * s.c_x * s.h * s.w + ih * s.w + iw;
-      const float* zp = z + (warp + 2) * kHaloCols + lane + 2;
-      for (int ci = 0; ci < s.c_x; ++ci) {
-        float sum = 0.f;
-#pragma unroll
-        for (int kr = 0; kr < 3; ++kr)
-#pragma unroll
-          for (int kq = 0; kq < 3; ++kq)
-            sum += zp[((kr * 3 + kq) * kCx + ci) * kZStride - kr * kHaloCols - kq];
-        dst[ci * s.h * s.w] = sum;
-      }
-    }
-  };
-
-  // Tile order: the slices' MMAs, Z to shared memory, and the tap sums of that
-  // Z during the next tile's first k-step (its MMAs run asynchronously
-  // meanwhile); the first slice barrier of the next tile publishes Z, a barrier
-  // before each Z store keeps it until every warp has summed it.
   int c_slot = 0;
-  TapTile c_tile = tap_tile(s, blockIdx.x), z_tile = c_tile;
+  TapTile c_tile = tap_tile(s, blockIdx.x);
   for (int64_t iter = 0; iter < my_tiles; ++iter) {
     for (int slice = 0; slice < s.slices; ++slice) {
       cp_async_wait<kStages - 2>();
@@ -320,7 +297,6 @@ __global__ void __launch_bounds__(kTapThreads, 1)
 #pragma unroll
         for (int j = 0; j < kMPerWarp; ++j) wgmma_tf32<kTaps>(acc[j], a_big[half][j], desc_big + step);
         wgmma_commit();
-        if (half == 0 && slice == 0 && iter > 0) sum_taps(z_tile);
         wgmma_wait<1>();
         wgmma_fence_operands(a_big[1 - half]);
         wgmma_fence_operands(a_small[1 - half]);
@@ -346,7 +322,6 @@ __global__ void __launch_bounds__(kTapThreads, 1)
 #pragma unroll
           for (int j = 0; j < kMPerWarp; ++j)
             if (frag_live(warp, j)) mma_tf32(acc[j][t], a_big[half][j], b[t].x, b[t].y);
-        if (half == 0 && slice == 0 && iter > 0) sum_taps(z_tile);
 #endif
       }
     }
@@ -361,9 +336,6 @@ __global__ void __launch_bounds__(kTapThreads, 1)
 
     // The tile's Z is complete: d0 = Z[row m][col 2ft], d1 = col 2ft + 1,
     // d2/d3 = row m + 8 (rows past the halo are not stored).
-    __syncthreads();  // the previous tile's tap sums are done with Z
-    z_tile = c_tile;
-    if (iter + 1 < my_tiles) c_tile = tap_tile(s, blockIdx.x + (iter + 1) * gridDim.x);
 #pragma unroll
     for (int j = 0; j < kMPerWarp; ++j) {
       if (frag_live(warp, j)) {
@@ -387,10 +359,26 @@ __global__ void __launch_bounds__(kTapThreads, 1)
 #if FUSED_CONV_WGMMA
     wgmma_fence_accumulators(acc);
 #endif
-  }
-  if (my_tiles > 0) {
-    __syncthreads();  // the last tile's Z
-    sum_taps(z_tile);
+    __syncthreads();
+    // Output row ih0 + warp, column iw0 + lane: the pixel at halo (warp + 2 - kr,
+    // lane + 2 - kq) receives through tap (kr, kq). Z is rewritten only after the
+    // next tile's first slice barrier, which every thread reaches after this.
+    const TapTile tt = c_tile;
+    if (iter + 1 < my_tiles) c_tile = tap_tile(s, blockIdx.x + (iter + 1) * gridDim.x);
+    const int ih = tt.ih0 + warp, iw = tt.iw0 + lane;
+    if (ih < s.h && iw < s.w) {
+      float* dst = out + tt.n * s.c_x * s.h * s.w + ih * s.w + iw;
+      const float* zp = z + (warp + 2) * kHaloCols + lane + 2;
+      for (int ci = 0; ci < s.c_x; ++ci) {
+        float sum = 0.f;
+#pragma unroll
+        for (int kr = 0; kr < 3; ++kr)
+#pragma unroll
+          for (int kq = 0; kq < 3; ++kq)
+            sum += zp[((kr * 3 + kq) * kCx + ci) * kZStride - kr * kHaloCols - kq];
+        dst[ci * s.h * s.w] = sum;
+      }
+    }
   }
   cp_async_wait<0>();  // no copy outlives the block
 }
