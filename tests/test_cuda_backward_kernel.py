@@ -169,6 +169,14 @@ def test_sanitize_backward_taps(training, width):
                    training=training, seed=6)  # fmt: skip
 
 
+@pytest.mark.parametrize("c_out", [16, 40], ids=["1slice", "3slices"])
+def test_sanitize_backward_taps_several_tiles_per_block(c_out):
+    # 12 * 3 * 4 = 144 tiles: more than the persistent grid (one block per SM), so blocks
+    # carry the ring and Z from tile to tile (with one slice per tile too).
+    check_backward((12, 4, 24, 128, c_out, 3, 1, 1, 1), dtype=torch.float32,
+                   channels_last=False, training=True, seed=7)  # fmt: skip
+
+
 def test_backward_large_offset_input():
     # mean(y) >> std(y): x_hat and the sums of g * x_hat must not cancel in float32
     # (the kernel centres y on the saved mean before summing).
