@@ -11,9 +11,11 @@
 // and feeds 72 columns, and the tap sums are cheap shared-memory reads.
 //
 // Tiling: a block of 8 warps owns an output tile of 8 rows x 32 columns of one
-// image. It needs g on the tile's halo, 10 x 34 pixels (340 rows of the GEMM,
-// 22 m16 fragments: warp w takes fragments w, w + 8, w + 16), staged in
-// 16-channel slices (two k8 steps) through a 3-deep cp.async ring. A halo row is
+// image. It needs g on the tile's halo, 10 x 34 pixels = 340 rows of the GEMM:
+// on sm_90a two warpgroups with three wgmma.m64n72k8 blocks each (384 rows),
+// elsewhere 22 mma.sync m16 fragments (warp w takes w, w + 8, w + 16). g is
+// staged in 16-channel slices (two k8 steps) through a 3-deep cp.async ring; a
+// staging thread owns one (row, vector) position for all 16 channels. A halo row is
 // copied in aligned vectors of kVec = 4, 2 or 1 floats from the aligned column
 // at or before the halo's first: the widest kVec that divides the width of g
 // (and its address), so that every vector is wholly inside the image or wholly
@@ -21,7 +23,7 @@
 // After the last slice the accumulators (Z on the halo) go to shared memory
 // and warp w sums the taps for output row w, one column per lane, for each
 // input channel: coalesced 128-byte stores. The weights, pre-split into TF32
-// big/small parts in mma fragment order, stay in shared memory for the whole
+// big/small parts (wgmma's K-major layout or mma fragment order), stay in shared memory for the whole
 // persistent launch. Shared memory: ring 81 KB + Z 100 KB + weights 36 KB, so
 // one block per multiprocessor.
 #include "kernels/cuda/grad_input_taps.h"
