@@ -23,8 +23,8 @@
 // After the last slice the accumulators (Z on the halo) go to shared memory
 // and warp w sums the taps for output row w, one column per lane, for each
 // input channel: coalesced 128-byte stores. The weights, pre-split into TF32
-// big/small parts (wgmma's K-major layout or mma fragment order), stay in shared memory for the whole
-// persistent launch. Shared memory: ring 81 KB + Z 100 KB + weights 36 KB, so
+// big/small parts (wgmma's K-major layout or mma fragment order), stay in
+// shared memory for the whole persistent launch. Shared memory: ring 81 KB + Z 100 KB + weights 36 KB, so
 // one block per multiprocessor.
 #include "kernels/cuda/grad_input_taps.h"
 
@@ -293,11 +293,17 @@ __global__ void __launch_bounds__(kTapThreads, 1)
         wgmma_fence();
         const uint64_t step = static_cast<uint64_t>(slice * 2 + half) * ((kN * 32) >> 4);
 #pragma unroll
-        for (int j = 0; j < kMPerWarp; ++j) wgmma_tf32<kTaps>(acc[j], a_small[half][j], desc_big + step);
+        for (int j = 0; j < kMPerWarp; ++j) {
+          wgmma_tf32<kTaps>(acc[j], a_small[half][j], desc_big + step);
+        }
 #pragma unroll
-        for (int j = 0; j < kMPerWarp; ++j) wgmma_tf32<kTaps>(acc[j], a_big[half][j], desc_small + step);
+        for (int j = 0; j < kMPerWarp; ++j) {
+          wgmma_tf32<kTaps>(acc[j], a_big[half][j], desc_small + step);
+        }
 #pragma unroll
-        for (int j = 0; j < kMPerWarp; ++j) wgmma_tf32<kTaps>(acc[j], a_big[half][j], desc_big + step);
+        for (int j = 0; j < kMPerWarp; ++j) {
+          wgmma_tf32<kTaps>(acc[j], a_big[half][j], desc_big + step);
+        }
         wgmma_commit();
         wgmma_wait<1>();
         wgmma_fence_operands(a_big[1 - half]);
@@ -475,7 +481,9 @@ at::Tensor grad_input_taps(const at::Tensor& grad_conv_out, const at::Tensor& in
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
   // The widest copy every row start allows: rows are w_g floats apart.
   const auto address = reinterpret_cast<uintptr_t>(g.const_data_ptr());
-  const int vec = s.w_g % 4 == 0 && address % 16 == 0 ? 4 : s.w_g % 2 == 0 && address % 8 == 0 ? 2 : 1;
+  const int vec = s.w_g % 4 == 0 && address % 16 == 0  ? 4
+                  : s.w_g % 2 == 0 && address % 8 == 0 ? 2
+                                                       : 1;
   TapShape launched = s;
   // iw0 is a multiple of 32, so the halo's first column iw0 + pad_w - 2 sits
   // (pad_w - 2) mod vec columns past a vec-aligned one (the staged rows have
