@@ -24,8 +24,8 @@
 // and warp w sums the taps for output row w, one column per lane, for each
 // input channel: coalesced 128-byte stores. The weights, pre-split into TF32
 // big/small parts (wgmma's K-major layout or mma fragment order), stay in
-// shared memory for the whole persistent launch. Shared memory: ring 81 KB + Z 100 KB + weights 36 KB, so
-// one block per multiprocessor.
+// shared memory for the whole persistent launch. Shared memory: ring 81 KB +
+// Z 100 KB + weights 36 KB, so one block per multiprocessor.
 #include "kernels/cuda/grad_input_taps.h"
 
 #include <ATen/ATen.h>
