@@ -391,19 +391,6 @@ __global__ void __launch_bounds__(kTapThreads, 1)
   cp_async_wait<0>();  // no copy outlives the block
 }
 
-// Whether the device lets one block have kSmemBytes of shared memory (Hopper's
-// 227 KB; A100's 163 KB and the 99 KB of sm_86/sm_89 do not).
-bool fits_shared_memory(int device) {
-  static int cache[64] = {0};
-  if (device >= 0 && device < 64 && cache[device] != 0) return cache[device] > 0;
-  int optin = 0;
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const bool fits = static_cast<size_t>(optin) >= kSmemBytes;
-  if (device >= 0 && device < 64) cache[device] = fits ? 1 : -1;
-  return fits;
-}
-
 std::optional<TapShape> make_tap_shape(const at::Tensor& input, const at::Tensor& weight,
                                        at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups) {
@@ -412,7 +399,8 @@ std::optional<TapShape> make_tap_shape(const at::Tensor& input, const at::Tensor
       weight.size(2) != 3 || weight.size(3) != 3 || padding[0] < 0 || padding[0] > 2 ||
       padding[1] < 0 || padding[1] > 2 || input.numel() == 0 ||
       input.suggest_memory_format() != at::MemoryFormat::Contiguous || !input.is_cuda() ||
-      !fits_shared_memory(input.get_device())) {
+      // Hopper's 227 KB; not A100's 163 KB nor the 99 KB of sm_86 / sm_89.
+      static_cast<size_t>(max_shared_memory_per_block(input.get_device())) < kSmemBytes) {
     return std::nullopt;
   }
   const int64_t c_x = input.size(1), h = input.size(2), w = input.size(3);

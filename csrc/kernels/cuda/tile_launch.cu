@@ -31,13 +31,29 @@ void set_tile_geometry(ConvShape& s) {
   s.tiles = s.n * s.tiles_h * s.tiles_w;
 }
 
+namespace {
+
+// A device attribute, fixed for the process: looked up once per device (the
+// first 64 devices; others on every call).
+int cached_attribute(cudaDeviceAttr attribute, int device, int (&cache)[64]) {
+  const bool cached = device >= 0 && device < 64;
+  if (cached && cache[device] > 0) return cache[device];
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  if (cached) cache[device] = value;
+  return value;
+}
+
+}  // namespace
+
 int multiprocessors(int device) {
   static int cache[64] = {0};
-  if (device < 64 && cache[device] > 0) return cache[device];
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  if (device < 64) cache[device] = count;
-  return count;
+  return cached_attribute(cudaDevAttrMultiProcessorCount, device, cache);
+}
+
+int max_shared_memory_per_block(int device) {
+  static int cache[64] = {0};
+  return cached_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device, cache);
 }
 
 std::optional<ConvShape> make_tile_shape(const at::Tensor& input, const at::Tensor& weight,
