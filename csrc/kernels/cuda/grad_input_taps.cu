@@ -122,8 +122,8 @@ __device__ __forceinline__ void cp_async_vec(float* smem_dst, const float* gmem_
 // A thread owns one (row, vector) position and copies it for all 16 channels:
 // the bounds and the address are worked out once per position, and each copy
 // costs a pointer step. With fewer positions than threads (kVec = 4: 100,
-// kVec = 2: 180) the last threads copy: warps 6 and 7 hold the fewest m16
-// fragments.
+// kVec = 2: 180) the last threads copy (in the mma.sync loop warps 6 and 7
+// hold the fewest m16 fragments; with wgmma all warps do equal MMA work).
 template <int kVec>
 __device__ __forceinline__ void stage_slice(const float* __restrict__ g, const TapShape& s,
                                             const TapTile& t, int slice, float* dst) {
