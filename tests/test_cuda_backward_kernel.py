@@ -119,7 +119,10 @@ SHAPES = [
     # float32 stride-1 shapes take grad_input from the tile kernels (grad_input_tile_supports):
     # the tap-reusing kernel for NCHW 3x3 with C_in <= 8 and C_out <= 64 (16-, 8- or 4-byte
     # row copies by the conv output's width; grad_input_taps_supports; NHWC takes kConv),
-    # kConv over 8-channel slices of g_hat for the rest; others from cuDNN.
+    # kConv over 8-channel slices of g_hat for the rest; others from cuDNN. float32 NCHW 3x3
+    # stride-1 shapes with C_in <= 8, C_out <= 64 and padding <= 2 take the sums and the
+    # weight gradient from the patch moments instead (grad_moments_supports; kGradOut then
+    # writes g_hat for grad_input): 16-byte copies where the widths allow, else 4-byte.
     (2, 8, 37, 45, 64, 3, 1, 1, 1),  # fused, 64-channel blocks
     (3, 3, 33, 31, 16, 3, 1, 0, 1),  # fused, 16-channel blocks
     (2, 5, 19, 70, 24, 5, 2, 2, 1),  # fused, 32-channel blocks
@@ -132,6 +135,7 @@ SHAPES = [
     (2, 8, 37, 44, 64, 3, 1, 1, 1),  # taps, 16-byte rows: row (37 = 4*8 + 5), column tails
     (3, 3, 21, 69, 40, 3, 1, 0, 1),  # taps, 4-byte rows (67): padding 0, 3 slices, 8-ch. tail
     (2, 5, 14, 32, 20, 3, 1, 2, 1),  # taps, 8-byte rows (34): padding 2, 2 slices, 4-ch. tail
+    (3, 6, 50, 4, 48, 3, 1, 0, 1),  # moments: 2-pixel rows (a tile spans 49 input rows)
 ]
 
 
@@ -164,7 +168,8 @@ def test_sanitize_backward_small(training, channels_last):
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_sanitize_backward_taps(training, width):
     # grad_input on the tap-reusing kernel: two tiles in width, the second partial; the
-    # width picks the row copies (16, 8 or 4 bytes).
+    # width picks the row copies (16, 8 or 4 bytes). The sums and grad_weight come from the
+    # patch moments (16-byte copies for width 36, 4-byte for the others; a partial last tile).
     check_backward((2, 3, 9, width, 10, 3, 1, 1, 1), dtype=torch.float32, channels_last=False,
                    training=training, seed=6)  # fmt: skip
 
@@ -172,7 +177,8 @@ def test_sanitize_backward_taps(training, width):
 @pytest.mark.parametrize("c_out", [16, 40], ids=["1slice", "3slices"])
 def test_sanitize_backward_taps_several_tiles_per_block(c_out):
     # 12 * 3 * 4 = 144 tiles: more than the persistent grid (one block per SM), so blocks
-    # carry the ring and Z from tile to tile (with one slice per tile too).
+    # carry the ring and Z from tile to tile (with one slice per tile too); the same for the
+    # patch moments' 12 * 24 tiles of 128 pixels.
     check_backward((12, 4, 24, 128, c_out, 3, 1, 1, 1), dtype=torch.float32,
                    channels_last=False, training=True, seed=7)  # fmt: skip
 
@@ -184,8 +190,18 @@ def test_backward_large_offset_input():
                    training=True, seed=11, offset=300.0, bound=1e-3)  # fmt: skip
 
 
-def test_backward_runs_the_fused_kernels():
-    x, p, _ = make(2, 8, 16, 40, 64, 3, dtype=torch.float32, channels_last=False, seed=3)
+@pytest.mark.parametrize(
+    "c_in,c_out,kernels,tile_modes",
+    [
+        # the patch moments give the sums and grad_weight; kGradOut writes g_hat for taps
+        (8, 64, ("grad_moments_kernel", "finalize_moments_kernel", "grad_input_taps_kernel"), 1),
+        # C_in > 8: kGradStats, then kGradOutW (g_hat and grad_weight); kConv for grad_input
+        (9, 64, ("finalize_grad_kernel", "reduce_weight_grad_kernel"), 3),
+    ],
+    ids=["moments", "tile"],
+)
+def test_backward_runs_the_fused_kernels(c_in, c_out, kernels, tile_modes):
+    x, p, _ = make(2, c_in, 16, 40, c_out, 3, dtype=torch.float32, channels_last=False, seed=3)
     x.requires_grad_()
     out = forward(x, {k: v.requires_grad_(k in KEYS) for k, v in p.items()}, training=True,
                   stride=1, padding=1, dilation=1)  # fmt: skip
@@ -193,11 +209,10 @@ def test_backward_runs_the_fused_kernels():
         out.backward(torch.randn_like(out))
         torch.cuda.synchronize()
     names = " ".join(e.name for e in prof.events())
-    for kernel in ("finalize_grad_kernel", "conv_tile_kernel", "reduce_weight_grad_kernel"):
+    for kernel in kernels:
         assert kernel in names, (kernel, names[:2000])
     tile = {e.name for e in prof.events() if "conv_tile_kernel" in e.name}
-    assert len(tile) == 2, tile  # kGradStats, kGradOutW
-    assert "grad_input_taps_kernel" in names, names[:2000]
+    assert len(tile) == tile_modes, tile
 
 
 @pytest.mark.parametrize(
@@ -246,6 +261,32 @@ def test_grad_input_taps_dispatch(shape, channels_last, padding, dilation, expec
     # kConv covers the others but padding > dilation*(k-1)
     covered = expected or padding <= dilation * (k - 1)
     assert fused_conv._C.cuda_grad_input_tile_supports(*args) is covered
+
+
+@pytest.mark.parametrize(
+    "shape,channels_last,padding,dilation,expected",
+    [
+        ((2, 8, 12, 12, 64, 3), False, 1, 1, True),
+        ((2, 3, 12, 14, 20, 3), False, 0, 1, True),
+        ((2, 8, 12, 13, 64, 3), False, 2, 1, True),
+        ((1, 8, 4, 3000, 64, 3), False, 1, 1, False),  # rows too wide for shared memory
+        ((2, 8, 12, 12, 64, 3), True, 1, 1, False),  # NHWC
+        ((2, 8, 12, 12, 64, 3), False, 3, 1, False),  # padding > 2
+        ((2, 9, 12, 12, 64, 3), False, 1, 1, False),  # C_in > 8
+        ((2, 8, 12, 12, 65, 3), False, 1, 1, False),  # C_out > 64
+        ((2, 8, 12, 12, 64, 5), False, 2, 1, False),  # 5x5
+        ((2, 8, 12, 12, 64, 3), False, 2, 2, False),  # dilation 2
+    ],
+)
+def test_grad_moments_dispatch(shape, channels_last, padding, dilation, expected):
+    n, c_in, h, w, c_out, k = shape
+    x = torch.randn(n, c_in, h, w, device=CUDA)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, k, k, device=CUDA)
+    args = (x, weight, [1, 1], [padding] * 2, [dilation] * 2, 1)
+    assert fused_conv._C.cuda_grad_moments_supports(*args) is expected
+    assert fused_conv._C.cuda_grad_moments_supports(x.half(), weight.half(), *args[2:]) is False
 
 
 @pytest.mark.parametrize(

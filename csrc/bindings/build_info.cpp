@@ -15,6 +15,7 @@
 
 #include "kernels/cuda/conv_bn_forward.h"
 #include "kernels/cuda/grad_input_taps.h"
+#include "kernels/cuda/grad_moments.h"
 #include "kernels/cuda/grad_input_tile.h"
 #endif
 
@@ -96,5 +97,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether that grad_input takes the tap-reusing kernel (float32 NCHW 3x3, stride and "
         "dilation 1, padding <= 2, C_in <= 8, C_out <= 64); arguments as "
         "cuda_tile_kernel_supports.");
+  m.def("cuda_grad_moments_supports", &fused_conv::cuda::grad_moments_supports,
+        "Whether the CUDA backward takes its sums and weight gradient from the patch moments "
+        "(float32 NCHW 3x3, stride and dilation 1, padding <= 2, C_in <= 8, C_out <= 64, rows "
+        "that fit in shared memory); arguments as cuda_tile_kernel_supports.");
 #endif
 }

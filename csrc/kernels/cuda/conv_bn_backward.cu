@@ -38,13 +38,11 @@
 #include "kernels/common/conv_bn_checks.h"
 #include "kernels/common/conv_call.h"
 #include "kernels/cuda/grad_input_tile.h"
+#include "kernels/cuda/grad_moments.h"
 #include "kernels/cuda/tile_launch.cuh"
 
 namespace fused_conv::cuda {
 namespace {
-
-// Rows of the [5, C_out] float32 result of finalize_grad_kernel.
-enum GradRow : int { kSumG, kSumGXhat, kCoefG, kCoefY, kCoef1, kGradRows };
 
 // One warp per channel: lane l sums the block partials l, l+32, ... in float64,
 // then a shuffle tree sums the lanes (a fixed order: bitwise reproducible).
@@ -137,19 +135,28 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
   const at::Tensor k = (gamma * invstd_f * sc).contiguous();
   const int64_t count = s.n * static_cast<int64_t>(s.h_out) * s.w_out;
 
-  // Pass 1 and finalize.
-  at::Tensor partials = reduction_partials(s, input);
+  // The sums and the coefficients of g_hat: from the patch moments
+  // (grad_moments.cu, which also gives the weight gradient) where they cover
+  // the shape, else pass 1 and finalize.
+  const bool moments = grad_moments_supports(input, weight, stride, padding, dilation, 1);
+  at::Tensor rows, moments_grad_weight;
   GradTerms terms{grad.const_data_ptr(), center.const_data_ptr<float>(), nullptr, nullptr,
                   nullptr};
-  const Launch sums = run_tile_kernel<TileMode::kGradStats>(
-      s, x, w, BnFold{}, terms, at::Tensor(), partials.mutable_data_ptr<float>());
-  at::Tensor rows = at::empty({kGradRows, s.c_out}, input.options().dtype(at::kFloat));
-  finalize_grad_kernel<<<static_cast<unsigned>(s.c_out), 32, 0,
-                         c10::cuda::getCurrentCUDAStream()>>>(
-      partials.const_data_ptr<float>(), static_cast<int>(sums.grid.x), 8 * n_tiles_for(s.c_out),
-      s.c_out, invstd_f.const_data_ptr<float>(), k.const_data_ptr<float>(),
-      static_cast<double>(count), training, rows.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (moments) {
+    std::tie(rows, moments_grad_weight) = grad_moments(grad, x, w, center, invstd_f, k, padding,
+                                                       training, input_weight_mask[1]);
+  } else {
+    at::Tensor partials = reduction_partials(s, input);
+    const Launch sums = run_tile_kernel<TileMode::kGradStats>(
+        s, x, w, BnFold{}, terms, at::Tensor(), partials.mutable_data_ptr<float>());
+    rows = at::empty({kGradRows, s.c_out}, input.options().dtype(at::kFloat));
+    finalize_grad_kernel<<<static_cast<unsigned>(s.c_out), 32, 0,
+                           c10::cuda::getCurrentCUDAStream()>>>(
+        partials.const_data_ptr<float>(), static_cast<int>(sums.grid.x), 8 * n_tiles_for(s.c_out),
+        s.c_out, invstd_f.const_data_ptr<float>(), k.const_data_ptr<float>(),
+        static_cast<double>(count), training, rows.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   const at::Tensor sum_g = rows[kSumG];
   const at::Tensor sum_g_xhat = rows[kSumGXhat];
 
@@ -178,10 +185,16 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
       const bool fuse_weight_grad =
           input_weight_mask[1] && weight_grad_fusable(s, input.scalar_type());
       at::Tensor g_hat;  // stays undefined when only the fused weight gradient needs it
-      if (input_weight_mask[0] || !fuse_weight_grad) {
+      if (input_weight_mask[0] || (!fuse_weight_grad && !moments)) {
         g_hat = at::empty({s.n, s.c_out, s.h_out, s.w_out}, input.options().memory_format(format));
       }
-      if (fuse_weight_grad) {
+      if (moments) {
+        if (input_weight_mask[1]) grad_weight = moments_grad_weight.to(weight.scalar_type());
+        if (input_weight_mask[0]) {
+          run_tile_kernel<TileMode::kGradOut>(s, x, w, BnFold{}, terms, g_hat, nullptr);
+          grad_input = conv_grads(g_hat, weight, {true, false}).first;
+        }
+      } else if (fuse_weight_grad) {
         const Launch plan = run_tile_kernel<TileMode::kGradOutW>(s, x, w, BnFold{}, terms, g_hat,
                                                                  nullptr, /*dry_run=*/true);
         const int bn = 8 * n_tiles_for(s.c_out), k8 = 8 * s.k_steps;
@@ -209,8 +222,12 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
       // scale the weight gradient of g per output channel.
       const at::Tensor k_view = per_out_channel_view(k);
       const at::Tensor weight_k = (weight.to(at::kFloat) * k_view).to(weight.scalar_type());
-      std::tie(grad_input, grad_weight) = conv_grads(grad, weight_k, input_weight_mask);
-      if (input_weight_mask[1]) {
+      // grad_moments' weight gradient already carries k (A = k, C = D = 0).
+      const std::array<bool, 2> mask{input_weight_mask[0], input_weight_mask[1] && !moments};
+      std::tie(grad_input, grad_weight) = conv_grads(grad, weight_k, mask);
+      if (moments && input_weight_mask[1]) {
+        grad_weight = moments_grad_weight.to(weight.scalar_type());
+      } else if (input_weight_mask[1]) {
         grad_weight = (grad_weight.to(at::kFloat) * k_view).to(weight.scalar_type());
       }
     }

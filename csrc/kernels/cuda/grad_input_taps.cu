@@ -104,19 +104,6 @@ __device__ __forceinline__ TapTile tap_tile(const TapShape& s, int64_t tile) {
   return t;
 }
 
-// kVec-float asynchronous copy; a zero vector where !valid (padding).
-template <int kVec>
-__device__ __forceinline__ void cp_async_vec(float* smem_dst, const float* gmem_src, bool valid) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  if constexpr (kVec == 4) {  // 16 bytes may bypass L1 (.cg): g is streamed once
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src),
-                 "r"(valid ? 16 : 0));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem_src),
-                 "n"(4 * kVec), "r"(valid ? 4 * kVec : 0));
-  }
-}
-
 // Stages channels [slice*16, slice*16 + 16) of g on the tile's halo: rows
 // ih0 + pad_h - 2 + (0..9), columns from the aligned iw0 + pad_w - 2 - col_off.
 // A thread owns one (row, vector) position and copies it for all 16 channels:

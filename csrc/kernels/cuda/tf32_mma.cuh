@@ -56,6 +56,20 @@ __device__ __forceinline__ void cp_async_f32(float* smem_dst, const float* gmem_
                "r"(src_bytes));
 }
 
+// kVec-float (4, 2 or 1) asynchronous copy; a zero vector where !valid (padding).
+// The addresses are aligned to the vector.
+template <int kVec>
+__device__ __forceinline__ void cp_async_vec(float* smem_dst, const float* gmem_src, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  if constexpr (kVec == 4) {  // 16 bytes may bypass L1 (.cg): streamed data
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src),
+                 "r"(valid ? 16 : 0));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem_src),
+                 "n"(4 * kVec), "r"(valid ? 4 * kVec : 0));
+  }
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int kPending>

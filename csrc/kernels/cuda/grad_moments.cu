@@ -1,0 +1,563 @@
+// The backward's reductions from patch moments (the reference problem's
+// training backward: C_in = 8, 3x3, C_out = 64).
+//
+// With X[p][k] the patch of output pixel p (k = ci*9 + tap, zero padding) and
+// y = X W^T the convolution without bias, every sum the backward needs is
+// linear in g or quadratic in X:
+//   sum_p g*(y - ctr)   = W . (sum_p g X) - ctr * sum g
+//   sum_p (y - ctr)     = W . (sum_p X)   - M * ctr
+//   grad_weight[c][k]   = sum_p g_hat X_k  with g_hat = A*g + C*(y - ctr) + D
+//                       = A (sum g X)_k + C ((W G)_k - ctr (sum X)_k) + D (sum X)_k,
+//   G = sum_p X X^T (72 x 72).
+// So one pass over g and x that accumulates Gw = sum g X (64 x 72), G, sum X and
+// sum g replaces both passes that recomputed y (the sums, then the weight
+// gradient of g_hat), and a float64 finalize forms the rest. X is shifted by
+// one sample value of x per input channel (x[0][ci][H/2][W/2]) before the
+// products, so that G and Gw hold deviations, not raw values: a large common
+// offset in x (or in y) would otherwise cancel in float32 (the "shifted data"
+// variance formula); y - ctr = W . X~ - ctr' with ctr' = ctr - W . shift.
+//
+// Tiling: a persistent block of 16 warps takes 128 consecutive output pixels of
+// one image per tile (flattened h*w, so no width is wasted). It stages g for all
+// 64 channels (64 x 128 floats) and the input rows under the tile (8 channels,
+// rows + 2 halo rows, each row with 4 zero columns on the left, so that
+// the copies stay 16-byte aligned) through a 2-deep cp.async ring. After a tile
+// lands, one pass converts its x rows to shifted (big, small) TF32 pairs and
+// builds a table of each pixel's row offset, so the MMA loop only loads. Per k8
+// step (8 pixels) the products are m16n8k8 MMAs (3xTF32):
+//   Gw: A = g (16 channels x 8 pixels), B = X of one tap (8 pixels x 8 ci):
+//       4 channel blocks x 9 taps;
+//   G:  A = X of two taps (16 rows (ci, tap) x 8 pixels), B = X of one tap:
+//       the tap pairs a <= b only, 25 fragments (G is symmetric).
+// The X fragment of a tap is the same registers as A or B (row/col = ci,
+// k = pixel), so no im2col matrix is formed. Warp w: channel block w % 4 of Gw
+// for the taps of group w / 4 ({0,1,2}, {3,4}, {5,6}, {7,8}), plus 0-2 G
+// fragments: 4 fragments per warp at most. Accumulators start fresh per tile
+// (the tensor core's float32 accumulation truncates; 16 k-steps keep that
+// small) and are added into running float32 sums; sum g and sum X run in
+// float64. Each block writes one float64 record; a fixed-order reduction and
+// the finalize follow.
+#include "kernels/cuda/grad_moments.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+#include "kernels/cuda/tf32_mma.cuh"
+#include "kernels/cuda/tile_launch.cuh"
+
+namespace fused_conv::cuda {
+namespace {
+
+constexpr int kWarps = 16;
+constexpr int kThreads = kWarps * 32;
+constexpr int kPixels = 128;  // per tile: 16 k8 steps
+constexpr int kKSteps = kPixels / 8;
+// Words between the channel rows of the staged g tile (= 4 mod 32): an A
+// fragment load (8 channels x 4 pixels) hits 32 different banks.
+constexpr int kGStride = kPixels + 4;
+constexpr int kCo = 64;  // output channels: 4 m16 blocks
+constexpr int kCx = 8;   // input channels: one n8 fragment
+constexpr int kTaps = 9;
+constexpr int kK = kCx * kTaps;  // 72 patch columns, k = ci*9 + tap
+constexpr int kLeft = 4;         // zero columns left of a staged row (>= padding 2)
+constexpr int kGFrags = 25;      // tap pairs (a in {2r, 2r+1}, b >= 2r), r = 0..4
+// The float64 record of one block: Gw [64][72], G [72][72] (entries with
+// tap(row) <= tap(col) and some others), sum X [72], sum g [64].
+constexpr int kRecGw = 0;
+constexpr int kRecG = kRecGw + kCo * kK;
+constexpr int kRecS = kRecG + kK * kK;
+constexpr int kRecSumG = kRecS + kK;
+constexpr int kRecord = kRecSumG + kCo;
+
+struct MomentShape {
+  int64_t n, tiles;
+  int c_g, h_g, w_g, plane_g;  // g: channels, size, pixels per image plane
+  int c_x, h, w;               // x
+  int pad_h, pad_w;
+  int tiles_per_image;
+  int rows;      // staged input rows per tile: the rows under 128 pixels + 2
+  int row_w;     // words per staged row: kLeft + w + right padding, a multiple of 4
+  int plane_raw;   // words between the raw staged planes: rows * row_w
+  int plane_pair;  // float2s between the (big, small) planes: = 4 (mod 16)
+  int stage_floats;
+};
+
+// Shared memory: the ring (2 x [g tile | raw x rows]), the (big, small) x
+// planes, the pixel table, the shifts.
+size_t smem_bytes(const MomentShape& s) {
+  return sizeof(float) * 2 * static_cast<size_t>(s.stage_floats) +
+         sizeof(float2) * kCx * static_cast<size_t>(s.plane_pair) + sizeof(int) * kPixels +
+         sizeof(float) * kCx;
+}
+
+// The per-channel shift of X: one sample of x (the centre of image 0).
+__device__ __forceinline__ float shift_of(const float* x, const MomentShape& s, int ci) {
+  return ci < s.c_x ? x[(static_cast<int64_t>(ci) * s.h + s.h / 2) * s.w + s.w / 2] : 0.f;
+}
+
+// Copies tile `tile`'s g (channels < c_g, pixels past the plane as zeros) and
+// x rows (rows outside the image as zeros) into a ring stage. Channels of g
+// past c_g and the zero columns of the x rows are never written: zeroed once.
+template <int kVec>
+__device__ void stage_tile(const float* __restrict__ g, const float* __restrict__ x,
+                           const MomentShape& s, int64_t tile, float* dst) {
+  const int64_t n = tile / s.tiles_per_image;
+  const int p0 = static_cast<int>(tile - n * s.tiles_per_image) * kPixels;
+  constexpr int kRowVecs = kPixels / kVec;
+  const float* gn = g + n * s.c_g * s.plane_g;
+  for (int i = threadIdx.x; i < s.c_g * kRowVecs; i += kThreads) {
+    const int c = i / kRowVecs, p = p0 + (i - c * kRowVecs) * kVec;
+    const bool valid = p < s.plane_g;  // plane_g % kVec == 0: a vector is all in or all out
+    cp_async_vec<kVec>(dst + c * kGStride + p - p0, valid ? gn + c * s.plane_g + p : g, valid);
+  }
+  float* xd = dst + kCo * kGStride;
+  const int ih0 = p0 / s.w_g - s.pad_h;
+  const int row_vecs = s.w / kVec;
+  for (int i = threadIdx.x; i < s.c_x * s.rows * row_vecs; i += kThreads) {
+    const int v = i % row_vecs, r = (i / row_vecs) % s.rows, ci = i / (row_vecs * s.rows);
+    const int ih = ih0 + r;
+    const bool valid = static_cast<unsigned>(ih) < static_cast<unsigned>(s.h);
+    const float* src = valid ? x + ((n * s.c_x + ci) * s.h + ih) * s.w + v * kVec : x;
+    cp_async_vec<kVec>(xd + ci * s.plane_raw + r * s.row_w + kLeft + v * kVec, src, valid);
+  }
+  cp_async_commit();
+}
+
+// After a stage landed: its x rows minus the shift as (big, small) TF32 pairs,
+// and per pixel the word offset of its tap (0, 0) in a pair plane (pixels past
+// the image plane point at the zero block after the rows, 2*row_w + 3 pairs).
+__device__ void prepare_tile(const MomentShape& s, int64_t tile, const float* raw_x,
+                             const float* shift, float2* pairs, int* table) {
+  const int64_t n = tile / s.tiles_per_image;
+  const int p0 = static_cast<int>(tile - n * s.tiles_per_image) * kPixels;
+  const int words = s.rows * s.row_w;
+  for (int i = threadIdx.x; i < s.c_x * words; i += kThreads) {
+    const int ci = i / words, j = i - ci * words;
+    uint32_t big, small;
+    split_tf32(raw_x[ci * s.plane_raw + j] - shift[ci], big, small);
+    pairs[ci * s.plane_pair + j] = make_float2(__uint_as_float(big), __uint_as_float(small));
+  }
+  const int oh0 = p0 / s.w_g;
+  for (int i = threadIdx.x; i < kPixels; i += kThreads) {
+    const int p = p0 + i, oh = p / s.w_g, ow = p - oh * s.w_g;
+    table[i] = p < s.plane_g ? (oh - oh0) * s.row_w + ow + kLeft - s.pad_w : words;
+  }
+}
+
+__device__ __forceinline__ uint32_t bits(float v) { return __float_as_uint(v); }
+
+// 3xTF32 product of (big, small) A and B fragments into d.
+__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const uint32_t (&a_big)[4],
+                                           const uint32_t (&a_small)[4], float2 b0, float2 b1) {
+  mma_tf32(d, a_small, bits(b0.x), bits(b1.x));
+  mma_tf32(d, a_big, bits(b0.y), bits(b1.y));
+  mma_tf32(d, a_big, bits(b0.x), bits(b1.x));
+}
+
+// Word offset of tap (kr, kq) from tap (0, 0) in a staged row layout.
+__device__ __forceinline__ int tap_offset(const MomentShape& s, int tap) {
+  return (tap / 3) * s.row_w + tap % 3;
+}
+
+// The whole persistent loop for one warp that holds kGwTaps Gw fragments and
+// kG G fragments (all warps run it, with their own counts, and meet at the same
+// barriers).
+template <int kVec, int kGwTaps, int kG>
+__device__ void moments_loop(const float* __restrict__ g, const float* __restrict__ x,
+                             double* __restrict__ partials, const MomentShape& s, float* ring,
+                             float2* pairs, int* table, const float* shift) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int fg = lane / 4, ft = lane % 4;  // fragment row group / thread in group
+  const int cb = warp % 4, tg = warp / 4;
+  const int tap0 = tg == 0 ? 0 : 2 * tg + 1;
+  int gw_off[kGwTaps];
+#pragma unroll
+  for (int j = 0; j < kGwTaps; ++j) gw_off[j] = tap_offset(s, tap0 + j);
+  // G fragment f = (r, b): rows (ci, tap 2r) and (ci, tap 2r + 1) (zero past
+  // tap 8), columns (ci', tap b), b = 2r..8; listed r-major.
+  constexpr int kGA = kG > 0 ? kG : 1;  // array extents
+  int ga[kGA], gb[kGA], g_tap_a[kGA], g_tap_b[kGA];
+  bool g_pair[kGA];
+#pragma unroll
+  for (int j = 0; j < kG; ++j) {
+    int f = warp < 4 ? warp : 4 + 2 * (warp - 4) + j, r = 0;
+    while (f >= kTaps - 2 * r) f -= kTaps - 2 * r++;
+    g_tap_a[j] = 2 * r;
+    g_tap_b[j] = 2 * r + f;
+    g_pair[j] = 2 * r + 1 < kTaps;
+    ga[j] = tap_offset(s, g_tap_a[j]);
+    gb[j] = tap_offset(s, g_tap_b[j]);
+  }
+
+  float run_gw[kGwTaps][4], run_g[kGA][4];
+  double run_sum_g[2] = {0, 0}, run_sum_x[kGwTaps];
+#pragma unroll
+  for (int j = 0; j < kGwTaps; ++j) {
+    run_sum_x[j] = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) run_gw[j][e] = 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < kGA; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) run_g[j][e] = 0.f;
+
+  const int64_t my_tiles =
+      s.tiles > blockIdx.x ? (s.tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  if (my_tiles > 0) stage_tile<kVec>(g, x, s, blockIdx.x, ring);
+  for (int64_t iter = 0; iter < my_tiles; ++iter) {
+    const int64_t tile = blockIdx.x + iter * gridDim.x;
+    float* stage = ring + (iter % 2) * s.stage_floats;
+    cp_async_wait<0>();
+    __syncthreads();  // the tile landed; every warp is done with the previous one
+    if (iter + 1 < my_tiles) {
+      stage_tile<kVec>(g, x, s, tile + gridDim.x, ring + ((iter + 1) % 2) * s.stage_floats);
+    }
+    prepare_tile(s, tile, stage + kCo * kGStride, shift, pairs, table);
+    __syncthreads();
+
+    float acc_gw[kGwTaps][4], acc_g[kGA][4], sum_g[2] = {0.f, 0.f}, sum_x[kGwTaps];
+#pragma unroll
+    for (int j = 0; j < kGwTaps; ++j) {
+      sum_x[j] = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_gw[j][e] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kGA; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_g[j][e] = 0.f;
+    const float* gs = stage + (16 * cb + fg) * kGStride + ft;
+    const float2* xs = pairs + fg * s.plane_pair;  // the lane's input channel ci = fg
+#pragma unroll 2
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      const int o0 = table[8 * ks + ft], o1 = table[8 * ks + ft + 4];
+      // A of Gw: a0 = g[c][p], a1 = g[c + 8][p], a2 = g[c][p + 4], a3 = g[c + 8][p + 4].
+      const float gv[4] = {gs[8 * ks], gs[8 * kGStride + 8 * ks], gs[8 * ks + 4],
+                           gs[8 * kGStride + 8 * ks + 4]};
+      uint32_t a_big[4], a_small[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) split_tf32(gv[e], a_big[e], a_small[e]);
+      sum_g[0] += gv[0] + gv[2];
+      sum_g[1] += gv[1] + gv[3];
+#pragma unroll
+      for (int j = 0; j < kGwTaps; ++j) {
+        // B: b0 = X[p][(ci, tap)], b1 = X[p + 4][(ci, tap)].
+        const float2 b0 = xs[o0 + gw_off[j]], b1 = xs[o1 + gw_off[j]];
+        mma_3xtf32(acc_gw[j], a_big, a_small, b0, b1);
+        sum_x[j] += (b0.x + b0.y) + (b1.x + b1.y);
+      }
+#pragma unroll
+      for (int j = 0; j < kG; ++j) {
+        // A: a0 = X[p][(ci, 2r)], a1 = X[p][(ci, 2r+1)], a2/a3 the same at p + 4.
+        const float2 zero = make_float2(0.f, 0.f);
+        const int a2 = tap_offset(s, g_tap_a[j] + 1) - ga[j];
+        const float2 x0 = xs[o0 + ga[j]], x2 = xs[o1 + ga[j]];
+        const float2 x1 = g_pair[j] ? xs[o0 + ga[j] + a2] : zero;
+        const float2 x3 = g_pair[j] ? xs[o1 + ga[j] + a2] : zero;
+        const uint32_t xa_big[4] = {bits(x0.x), bits(x1.x), bits(x2.x), bits(x3.x)};
+        const uint32_t xa_small[4] = {bits(x0.y), bits(x1.y), bits(x2.y), bits(x3.y)};
+        mma_3xtf32(acc_g[j], xa_big, xa_small, xs[o0 + gb[j]], xs[o1 + gb[j]]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kGwTaps; ++j) {
+      run_sum_x[j] += sum_x[j];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) run_gw[j][e] += acc_gw[j][e];
+    }
+#pragma unroll
+    for (int j = 0; j < kG; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) run_g[j][e] += acc_g[j][e];
+    run_sum_g[0] += sum_g[0];
+    run_sum_g[1] += sum_g[1];
+  }
+  cp_async_wait<0>();
+
+  // The block's record. d0 = D[fg][2ft], d1 = D[fg][2ft + 1], d2/d3 = row fg + 8.
+  double* rec = partials + static_cast<int64_t>(blockIdx.x) * kRecord;
+  const int c = 16 * cb + fg;
+#pragma unroll
+  for (int j = 0; j < kGwTaps; ++j) {
+    const int tap = tap0 + j;
+    rec[kRecGw + c * kK + (2 * ft) * kTaps + tap] = run_gw[j][0];
+    rec[kRecGw + c * kK + (2 * ft + 1) * kTaps + tap] = run_gw[j][1];
+    rec[kRecGw + (c + 8) * kK + (2 * ft) * kTaps + tap] = run_gw[j][2];
+    rec[kRecGw + (c + 8) * kK + (2 * ft + 1) * kTaps + tap] = run_gw[j][3];
+  }
+#pragma unroll
+  for (int j = 0; j < kG; ++j) {
+    const int col = (2 * ft) * kTaps + g_tap_b[j];
+    const int row = fg * kTaps + g_tap_a[j];
+    rec[kRecG + row * kK + col] = run_g[j][0];
+    rec[kRecG + row * kK + col + kTaps] = run_g[j][1];
+    if (g_pair[j]) {
+      rec[kRecG + (row + 1) * kK + col] = run_g[j][2];
+      rec[kRecG + (row + 1) * kK + col + kTaps] = run_g[j][3];
+    }
+  }
+  // Sums over the four lanes of a row group (fixed order): sum g by the warps
+  // of tap group 0, sum X by the warps of channel block 0.
+  auto quad_sum = [](double v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+  };
+  const double sg0 = quad_sum(run_sum_g[0]), sg1 = quad_sum(run_sum_g[1]);
+  if (tg == 0 && ft == 0) {
+    rec[kRecSumG + c] = sg0;
+    rec[kRecSumG + c + 8] = sg1;
+  }
+#pragma unroll
+  for (int j = 0; j < kGwTaps; ++j) {
+    const double sx = quad_sum(run_sum_x[j]);
+    if (cb == 0 && ft == 0) rec[kRecS + fg * kTaps + tap0 + j] = sx;
+  }
+}
+
+template <int kVec, bool kGram>
+__global__ void __launch_bounds__(kThreads, 1)
+    grad_moments_kernel(const float* __restrict__ g, const float* __restrict__ x,
+                        double* __restrict__ partials, MomentShape s) {
+  extern __shared__ uint4 smem_u4[];
+  float* ring = reinterpret_cast<float*>(smem_u4);
+  float2* pairs = reinterpret_cast<float2*>(ring + 2 * s.stage_floats);
+  int* table = reinterpret_cast<int*>(pairs + kCx * s.plane_pair);
+  float* shift = reinterpret_cast<float*>(table + kPixels);
+  // Zeros that are never overwritten: g channels past c_g, the padding columns
+  // and unused planes of the raw rows, the pair planes' zero blocks and planes
+  // past c_x.
+  for (int i = threadIdx.x; i < 2 * s.stage_floats; i += kThreads) ring[i] = 0.f;
+  for (int i = threadIdx.x; i < kCx * s.plane_pair; i += kThreads) {
+    pairs[i] = make_float2(0.f, 0.f);
+  }
+  if (threadIdx.x < kCx) shift[threadIdx.x] = shift_of(x, s, threadIdx.x);
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32;
+  if (warp < 4) {
+    moments_loop<kVec, 3, kGram ? 1 : 0>(g, x, partials, s, ring, pairs, table, shift);
+  } else if (warp < 14) {
+    moments_loop<kVec, 2, kGram ? 2 : 0>(g, x, partials, s, ring, pairs, table, shift);
+  } else if (warp == 14) {
+    moments_loop<kVec, 2, kGram ? 1 : 0>(g, x, partials, s, ring, pairs, table, shift);
+  } else {
+    moments_loop<kVec, 2, 0>(g, x, partials, s, ring, pairs, table, shift);
+  }
+}
+
+// total[e] = sum over the blocks (in order, float64) of record entry e; G
+// entries below the tap diagonal are read from their mirror (computed ones).
+__global__ void reduce_moments_kernel(const double* __restrict__ partials, int blocks, bool gram,
+                                      double* __restrict__ total) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= kRecord) return;
+  int src = e;
+  if (e >= kRecG && e < kRecS) {
+    if (!gram) {
+      total[e] = 0;
+      return;
+    }
+    const int row = (e - kRecG) / kK, col = (e - kRecG) % kK;
+    if (row % kTaps > col % kTaps) src = kRecG + col * kK + row;
+  }
+  double sum = 0;
+  for (int b = 0; b < blocks; ++b) sum += partials[static_cast<int64_t>(b) * kRecord + src];
+  total[e] = sum;
+}
+
+// One block of 128 threads per output channel c; thread k < 72 owns patch
+// column k. The math is that of finalize_grad_kernel (conv_bn_backward.cu) with
+// the sums taken from the moments (see the top of this file), in float64.
+constexpr int kFinalizeThreads = 128;
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_moments_kernel(const double* __restrict__ total, const float* __restrict__ w,
+                            const float* __restrict__ x, MomentShape s,
+                            const float* __restrict__ center, const float* __restrict__ invstd,
+                            const float* __restrict__ k, double count, bool training,
+                            float* __restrict__ rows, float* __restrict__ grad_weight) {
+  __shared__ double red[3][kFinalizeThreads];
+  __shared__ double w_row[kK];
+  __shared__ double coef[5];
+  const int c = blockIdx.x, tid = threadIdx.x;
+  const int k_cols = s.c_x * kTaps;  // the weight's columns: k = ci*9 + tap
+  const bool live = tid < k_cols;
+  const double wk = live ? w[c * k_cols + tid] : 0.0;
+  const double shift = live ? shift_of(x, s, tid / kTaps) : 0.0;
+  const double gw = live ? total[kRecGw + c * kK + tid] : 0.0;
+  const double sx = live ? total[kRecS + tid] : 0.0;
+  if (tid < kK) w_row[tid] = wk;
+  red[0][tid] = wk * gw;
+  red[1][tid] = wk * sx;
+  red[2][tid] = wk * shift;
+  __syncthreads();
+  for (int half = kFinalizeThreads / 2; half > 0; half /= 2) {
+    if (tid < half) {
+#pragma unroll
+      for (int r = 0; r < 3; ++r) red[r][tid] += red[r][tid + half];
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    const double sg = total[kRecSumG + c];
+    const double ctr = center[c] - red[2][0];  // y - ctr = W . X~ - ctr'
+    const double sgy = red[0][0] - ctr * sg;   // sum g*(y - ctr)
+    const double sy = red[1][0] - count * ctr;  // sum (y - ctr)
+    const double inv = invstd[c], kc = k[c];
+    double sgx = inv * sgy;  // sum(g * x_hat)
+    double a = kc, cy = 0, c1 = 0;
+    if (training) {
+      const double delta = inv * sy / count;
+      sgx -= delta * sg;
+      const double proj = sgx / count;
+      cy = -kc * inv * proj;
+      c1 = kc * (delta * proj - sg / count);
+    }
+    const int64_t c_out = gridDim.x;
+    rows[kSumG * c_out + c] = static_cast<float>(sg);
+    rows[kSumGXhat * c_out + c] = static_cast<float>(sgx);
+    rows[kCoefG * c_out + c] = static_cast<float>(a);
+    rows[kCoefY * c_out + c] = static_cast<float>(cy);
+    rows[kCoef1 * c_out + c] = static_cast<float>(c1);
+    coef[0] = a;
+    coef[1] = cy;
+    coef[2] = c1;
+    coef[3] = ctr;
+    coef[4] = a * sg + cy * sy + c1 * count;  // sum g_hat
+  }
+  __syncthreads();
+  if (grad_weight == nullptr || !live) return;
+  // sum_p g_hat X_k = sum g_hat X~_k + shift_k * sum g_hat.
+  double wg = 0;
+  if (training) {
+    for (int j = 0; j < k_cols; ++j) wg += w_row[j] * total[kRecG + j * kK + tid];
+  }
+  grad_weight[c * k_cols + tid] = static_cast<float>(
+      coef[0] * gw + coef[1] * (wg - coef[3] * sx) + coef[2] * sx + shift * coef[4]);
+}
+
+std::optional<MomentShape> make_moment_shape(const at::Tensor& input, const at::Tensor& weight,
+                                             at::IntArrayRef stride, at::IntArrayRef padding,
+                                             at::IntArrayRef dilation, int64_t groups) {
+  if (input.scalar_type() != at::kFloat || input.dim() != 4 || weight.dim() != 4 ||
+      groups != 1 || stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1 ||
+      weight.size(2) != 3 || weight.size(3) != 3 || padding[0] < 0 || padding[0] > 2 ||
+      padding[1] < 0 || padding[1] > 2 || input.numel() == 0 || !input.is_cuda() ||
+      input.suggest_memory_format() != at::MemoryFormat::Contiguous) {
+    return std::nullopt;
+  }
+  const int64_t c_x = input.size(1), h = input.size(2), w = input.size(3);
+  const int64_t c_g = weight.size(0);
+  const int64_t h_g = h + 2 * padding[0] - 2, w_g = w + 2 * padding[1] - 2;
+  constexpr int64_t kInt32 = int64_t{1} << 31;
+  if (c_x > kCx || c_g > kCo || h_g <= 0 || w_g <= 0 || c_g * h_g * w_g >= kInt32 ||
+      c_x * h * w >= kInt32 || w > 4096) {
+    return std::nullopt;
+  }
+  MomentShape s{};
+  s.n = input.size(0);
+  s.c_g = static_cast<int>(c_g);
+  s.h_g = static_cast<int>(h_g);
+  s.w_g = static_cast<int>(w_g);
+  s.plane_g = static_cast<int>(h_g * w_g);
+  s.c_x = static_cast<int>(c_x);
+  s.h = static_cast<int>(h);
+  s.w = static_cast<int>(w);
+  s.pad_h = static_cast<int>(padding[0]);
+  s.pad_w = static_cast<int>(padding[1]);
+  s.tiles_per_image = (s.plane_g + kPixels - 1) / kPixels;
+  s.tiles = s.n * s.tiles_per_image;
+  // 128 consecutive pixels touch at most (127 / w_g) + 2 output rows; each
+  // needs the input rows under it and two more.
+  s.rows = (kPixels - 1) / s.w_g + 4;
+  // Columns: kLeft (zeros, and the first pad_w of them the left padding), w,
+  // then right padding up to pad_w + 2 more: tap offsets reach kLeft + w + 3.
+  s.row_w = (kLeft + s.w + 4 + 3) & ~3;
+  s.plane_raw = s.rows * s.row_w;
+  const int pair_words = s.plane_raw + 2 * s.row_w + 3;  // + the zero block
+  s.plane_pair = pair_words + ((4 - pair_words) % 16 + 16) % 16;
+  s.stage_floats = kCo * kGStride + kCx * s.plane_raw;
+  if (smem_bytes(s) > static_cast<size_t>(max_shared_memory_per_block(input.get_device()))) {
+    return std::nullopt;
+  }
+  return s;
+}
+
+template <int kVec, bool kGram>
+void launch_moments(const MomentShape& s, const at::Tensor& g, const at::Tensor& x,
+                    double* partials, int grid) {
+  auto kernel = grad_moments_kernel<kVec, kGram>;
+  const size_t bytes = smem_bytes(s);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  kernel<<<grid, kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      g.const_data_ptr<float>(), x.const_data_ptr<float>(), partials, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool grad_moments_supports(const at::Tensor& input, const at::Tensor& weight,
+                           at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups) {
+  return make_moment_shape(input, weight, stride, padding, dilation, groups).has_value();
+}
+
+std::pair<at::Tensor, at::Tensor> grad_moments(const at::Tensor& grad_out, const at::Tensor& input,
+                                               const at::Tensor& weight, const at::Tensor& center,
+                                               const at::Tensor& invstd, const at::Tensor& k,
+                                               at::IntArrayRef padding, bool training,
+                                               bool want_weight_grad) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const int64_t unit[2] = {1, 1};
+  const auto shape = make_moment_shape(input, weight, unit, padding, unit, 1);
+  TORCH_CHECK(shape.has_value(), "fused_conv: configuration outside grad_moments' reach");
+  const MomentShape& s = *shape;
+  const at::Tensor g = grad_out.contiguous();
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.size(0) == s.n && g.size(1) == s.c_g &&
+                  g.size(2) == s.h_g && g.size(3) == s.w_g,
+              "fused_conv: grad_moments expected a float32 gradient of shape [", s.n, ", ", s.c_g,
+              ", ", s.h_g, ", ", s.w_g, "], got ", g.scalar_type(), " ", g.sizes());
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  };
+  const bool vec4 = s.plane_g % 4 == 0 && s.w % 4 == 0 && aligned(g) && aligned(x);
+  const bool gram = training && want_weight_grad;
+  const int grid = static_cast<int>(
+      std::clamp<int64_t>(s.tiles, 1, multiprocessors(input.get_device())));  // 1 block per SM
+  const auto f64 = input.options().dtype(at::kDouble);
+  at::Tensor partials = at::empty({grid, kRecord}, f64);
+  double* p = partials.mutable_data_ptr<double>();
+  if (vec4) {
+    gram ? launch_moments<4, true>(s, g, x, p, grid) : launch_moments<4, false>(s, g, x, p, grid);
+  } else {
+    gram ? launch_moments<1, true>(s, g, x, p, grid) : launch_moments<1, false>(s, g, x, p, grid);
+  }
+  at::Tensor total = at::empty({kRecord}, f64);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kBlock = 256;
+  reduce_moments_kernel<<<(kRecord + kBlock - 1) / kBlock, kBlock, 0, stream>>>(
+      partials.const_data_ptr<double>(), grid, gram, total.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor rows = at::empty({kGradRows, s.c_g}, input.options());
+  at::Tensor grad_weight;
+  if (want_weight_grad) grad_weight = at::empty(weight.sizes(), input.options());
+  const double count = static_cast<double>(s.n) * s.plane_g;
+  finalize_moments_kernel<<<s.c_g, kFinalizeThreads, 0, stream>>>(
+      total.const_data_ptr<double>(), w.const_data_ptr<float>(), x.const_data_ptr<float>(), s,
+      center.const_data_ptr<float>(), invstd.const_data_ptr<float>(), k.const_data_ptr<float>(),
+      count, training, rows.mutable_data_ptr<float>(),
+      want_weight_grad ? grad_weight.mutable_data_ptr<float>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {rows, grad_weight};
+}
+
+}  // namespace fused_conv::cuda
