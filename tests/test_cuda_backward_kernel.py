@@ -135,7 +135,7 @@ SHAPES = [
     (2, 8, 37, 44, 64, 3, 1, 1, 1),  # taps, 16-byte rows: row (37 = 4*8 + 5), column tails
     (3, 3, 21, 69, 40, 3, 1, 0, 1),  # taps, 4-byte rows (67): padding 0, 3 slices, 8-ch. tail
     (2, 5, 14, 32, 20, 3, 1, 2, 1),  # taps, 8-byte rows (34): padding 2, 2 slices, 4-ch. tail
-    (3, 6, 50, 4, 48, 3, 1, 0, 1),  # moments: 2-pixel rows (a tile spans 49 input rows)
+    (2, 6, 30, 28, 48, 3, 1, 0, 1),  # moments: 26-pixel rows (a tile spans 8 input rows)
 ]
 
 
@@ -196,7 +196,7 @@ def test_backward_large_offset_input():
         # the patch moments give the sums and grad_weight; kGradOut writes g_hat for taps
         (8, 64, ("grad_moments_kernel", "finalize_moments_kernel", "grad_input_taps_kernel"), 1),
         # C_in > 8: kGradStats, then kGradOutW (g_hat and grad_weight); kConv for grad_input
-        (9, 64, ("finalize_grad_kernel", "reduce_weight_grad_kernel"), 3),
+        (9, 32, ("finalize_grad_kernel", "reduce_weight_grad_kernel"), 3),
     ],
     ids=["moments", "tile"],
 )
@@ -266,16 +266,17 @@ def test_grad_input_taps_dispatch(shape, channels_last, padding, dilation, expec
 @pytest.mark.parametrize(
     "shape,channels_last,padding,dilation,expected",
     [
-        ((2, 8, 12, 12, 64, 3), False, 1, 1, True),
-        ((2, 3, 12, 14, 20, 3), False, 0, 1, True),
-        ((2, 8, 12, 13, 64, 3), False, 2, 1, True),
-        ((1, 8, 4, 3000, 64, 3), False, 1, 1, False),  # rows too wide for shared memory
-        ((2, 8, 12, 12, 64, 3), True, 1, 1, False),  # NHWC
-        ((2, 8, 12, 12, 64, 3), False, 3, 1, False),  # padding > 2
-        ((2, 9, 12, 12, 64, 3), False, 1, 1, False),  # C_in > 8
-        ((2, 8, 12, 12, 65, 3), False, 1, 1, False),  # C_out > 64
-        ((2, 8, 12, 12, 64, 5), False, 2, 1, False),  # 5x5
-        ((2, 8, 12, 12, 64, 3), False, 2, 2, False),  # dilation 2
+        ((2, 8, 12, 40, 64, 3), False, 1, 1, True),
+        ((2, 3, 12, 30, 20, 3), False, 0, 1, True),  # 28 columns: a tile spans 8 input rows
+        ((2, 8, 12, 41, 64, 3), False, 2, 1, True),
+        ((1, 8, 4, 129, 64, 3), False, 1, 1, False),  # wider than a staged row (128)
+        ((2, 8, 12, 12, 64, 3), False, 1, 1, False),  # 128 pixels span too many rows
+        ((2, 8, 12, 40, 64, 3), True, 1, 1, False),  # NHWC
+        ((2, 8, 12, 40, 64, 3), False, 3, 1, False),  # padding > 2
+        ((2, 9, 12, 40, 64, 3), False, 1, 1, False),  # C_in > 8
+        ((2, 8, 12, 40, 65, 3), False, 1, 1, False),  # C_out > 64
+        ((2, 8, 12, 40, 64, 5), False, 2, 1, False),  # 5x5
+        ((2, 8, 12, 40, 64, 3), False, 2, 2, False),  # dilation 2
     ],
 )
 def test_grad_moments_dispatch(shape, channels_last, padding, dilation, expected):

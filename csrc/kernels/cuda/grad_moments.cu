@@ -17,26 +17,26 @@
 // offset in x (or in y) would otherwise cancel in float32 (the "shifted data"
 // variance formula); y - ctr = W . X~ - ctr' with ctr' = ctr - W . shift.
 //
-// Tiling: a persistent block of 16 warps takes 128 consecutive output pixels of
+// Tiling: a persistent block of 8 warps takes 128 consecutive output pixels of
 // one image per tile (flattened h*w, so no width is wasted). It stages g for all
 // 64 channels (64 x 128 floats) and the input rows under the tile (8 channels,
-// rows + 2 halo rows, each row with 4 zero columns on the left, so that
-// the copies stay 16-byte aligned) through a 2-deep cp.async ring. After a tile
-// lands, one pass converts its x rows to shifted (big, small) TF32 pairs and
-// builds a table of each pixel's row offset, so the MMA loop only loads. Per k8
-// step (8 pixels) the products are m16n8k8 MMAs (3xTF32):
+// rows + 2 halo rows, in rows of kRowW words: 4 zero columns on the left, so
+// that the copies stay 16-byte aligned, then w <= 128 columns and zeros) through
+// a 2-deep cp.async ring. After a tile lands, one pass converts its x rows to
+// shifted (big, small) TF32 pairs and builds a table of each pixel's offset, so
+// the MMA loop only loads (at compile-time tap offsets). Per k8 step (8 pixels)
+// the products are m16n8k8 MMAs (3xTF32):
 //   Gw: A = g (16 channels x 8 pixels), B = X of one tap (8 pixels x 8 ci):
-//       4 channel blocks x 9 taps;
+//       warp w < 4 owns channel block w for all 9 taps (9 fragments);
 //   G:  A = X of two taps (16 rows (ci, tap) x 8 pixels), B = X of one tap:
-//       the tap pairs a <= b only, 25 fragments (G is symmetric).
+//       the tap pairs a <= b only (G is symmetric), 25 fragments over warps
+//       4..7 by the row taps (9, 7, 6, 3 fragments; training only).
 // The X fragment of a tap is the same registers as A or B (row/col = ci,
-// k = pixel), so no im2col matrix is formed. Warp w: channel block w % 4 of Gw
-// for the taps of group w / 4 ({0,1,2}, {3,4}, {5,6}, {7,8}), plus 0-2 G
-// fragments: 4 fragments per warp at most. Accumulators start fresh per tile
-// (the tensor core's float32 accumulation truncates; 16 k-steps keep that
-// small) and are added into running float32 sums; sum g and sum X run in
-// float64. Each block writes one float64 record; a fixed-order reduction and
-// the finalize follow.
+// k = pixel), so no im2col matrix is formed. Accumulators start fresh every 4
+// k-steps (the tensor core's float32 accumulation truncates; 12 MMAs per
+// accumulator keep that below 1e-6) and are added into running float32 sums;
+// sum g and sum X run in float64. Each block writes one float64 record; a
+// fixed-order reduction and the finalize follow.
 #include "kernels/cuda/grad_moments.h"
 
 #include <ATen/ATen.h>
@@ -54,10 +54,11 @@
 namespace fused_conv::cuda {
 namespace {
 
-constexpr int kWarps = 16;
+constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kPixels = 128;  // per tile: 16 k8 steps
 constexpr int kKSteps = kPixels / 8;
+constexpr int kFreshSteps = 4;  // k-steps per fresh accumulator
 // Words between the channel rows of the staged g tile (= 4 mod 32): an A
 // fragment load (8 channels x 4 pixels) hits 32 different banks.
 constexpr int kGStride = kPixels + 4;
@@ -66,7 +67,9 @@ constexpr int kCx = 8;   // input channels: one n8 fragment
 constexpr int kTaps = 9;
 constexpr int kK = kCx * kTaps;  // 72 patch columns, k = ci*9 + tap
 constexpr int kLeft = 4;         // zero columns left of a staged row (>= padding 2)
-constexpr int kGFrags = 25;      // tap pairs (a in {2r, 2r+1}, b >= 2r), r = 0..4
+constexpr int kMaxW = 128;       // input width: a staged row holds kLeft + w + 3
+constexpr int kRowW = 136;       // words per staged row (a multiple of 4)
+static_assert(kLeft + kMaxW + 3 < kRowW && kRowW % 4 == 0, "a staged row holds every tap");
 // The float64 record of one block: Gw [64][72], G [72][72] (entries with
 // tap(row) <= tap(col) and some others), sum X [72], sum g [64].
 constexpr int kRecGw = 0;
@@ -81,19 +84,18 @@ struct MomentShape {
   int c_x, h, w;               // x
   int pad_h, pad_w;
   int tiles_per_image;
-  int rows;      // staged input rows per tile: the rows under 128 pixels + 2
-  int row_w;     // words per staged row: kLeft + w + right padding, a multiple of 4
-  int plane_raw;   // words between the raw staged planes: rows * row_w
-  int plane_pair;  // float2s between the (big, small) planes: = 4 (mod 16)
+  int rows;        // staged input rows per tile: the rows under 128 pixels + 2
+  int plane_raw;   // words between the raw staged planes: rows * kRowW
+  int plane_split;  // words between the planes of split x (big, then small): = 4 (mod 32)
   int stage_floats;
 };
 
-// Shared memory: the ring (2 x [g tile | raw x rows]), the (big, small) x
-// planes, the pixel table, the shifts.
+// Shared memory: the ring (2 x [g tile | raw x rows]), the split x planes
+// (kCx big, then kCx small), the pixel table, the shifts.
 size_t smem_bytes(const MomentShape& s) {
-  return sizeof(float) * 2 * static_cast<size_t>(s.stage_floats) +
-         sizeof(float2) * kCx * static_cast<size_t>(s.plane_pair) + sizeof(int) * kPixels +
-         sizeof(float) * kCx;
+  return sizeof(float) * (2 * static_cast<size_t>(s.stage_floats) +
+                          2 * kCx * static_cast<size_t>(s.plane_split) + kCx) +
+         sizeof(int) * kPixels;
 }
 
 // The per-channel shift of X: one sample of x (the centre of image 0).
@@ -102,222 +104,241 @@ __device__ __forceinline__ float shift_of(const float* x, const MomentShape& s, 
 }
 
 // Copies tile `tile`'s g (channels < c_g, pixels past the plane as zeros) and
-// x rows (rows outside the image as zeros) into a ring stage. Channels of g
-// past c_g and the zero columns of the x rows are never written: zeroed once.
+// x rows (rows outside the image and columns past w as zeros) into a ring
+// stage. Channels of g past c_g and the left zero columns are never written.
 template <int kVec>
 __device__ void stage_tile(const float* __restrict__ g, const float* __restrict__ x,
                            const MomentShape& s, int64_t tile, float* dst) {
   const int64_t n = tile / s.tiles_per_image;
   const int p0 = static_cast<int>(tile - n * s.tiles_per_image) * kPixels;
-  constexpr int kRowVecs = kPixels / kVec;
+  constexpr int kGVecs = kPixels / kVec;
   const float* gn = g + n * s.c_g * s.plane_g;
-  for (int i = threadIdx.x; i < s.c_g * kRowVecs; i += kThreads) {
-    const int c = i / kRowVecs, p = p0 + (i - c * kRowVecs) * kVec;
+  for (int i = threadIdx.x; i < s.c_g * kGVecs; i += kThreads) {
+    const int c = i / kGVecs, p = p0 + (i % kGVecs) * kVec;
     const bool valid = p < s.plane_g;  // plane_g % kVec == 0: a vector is all in or all out
     cp_async_vec<kVec>(dst + c * kGStride + p - p0, valid ? gn + c * s.plane_g + p : g, valid);
   }
   float* xd = dst + kCo * kGStride;
   const int ih0 = p0 / s.w_g - s.pad_h;
-  const int row_vecs = s.w / kVec;
-  for (int i = threadIdx.x; i < s.c_x * s.rows * row_vecs; i += kThreads) {
-    const int v = i % row_vecs, r = (i / row_vecs) % s.rows, ci = i / (row_vecs * s.rows);
-    const int ih = ih0 + r;
-    const bool valid = static_cast<unsigned>(ih) < static_cast<unsigned>(s.h);
-    const float* src = valid ? x + ((n * s.c_x + ci) * s.h + ih) * s.w + v * kVec : x;
-    cp_async_vec<kVec>(xd + ci * s.plane_raw + r * s.row_w + kLeft + v * kVec, src, valid);
+  constexpr int kXVecs = kMaxW / kVec;
+  for (int i = threadIdx.x; i < s.c_x * s.rows * kXVecs; i += kThreads) {
+    const int v = i % kXVecs, plane_row = i / kXVecs;
+    const int ci = plane_row / s.rows, r = plane_row - ci * s.rows;
+    const int ih = ih0 + r, iw = v * kVec;
+    // w % kVec == 0: a vector is all in or all out
+    const bool valid = static_cast<unsigned>(ih) < static_cast<unsigned>(s.h) && iw < s.w;
+    const float* src = valid ? x + ((n * s.c_x + ci) * s.h + ih) * s.w + iw : x;
+    cp_async_vec<kVec>(xd + ci * s.plane_raw + r * kRowW + kLeft + iw, src, valid);
   }
   cp_async_commit();
 }
 
-// After a stage landed: its x rows minus the shift as (big, small) TF32 pairs,
-// and per pixel the word offset of its tap (0, 0) in a pair plane (pixels past
-// the image plane point at the zero block after the rows, 2*row_w + 3 pairs).
+// After a stage landed: its x rows minus the shift, split into TF32 big and
+// small planes (a warp per plane row), and per pixel the word offset of its tap
+// (0, 0) in a plane (pixels past the image plane point at the zero block after
+// the rows, 2*kRowW + 3 words). Separate big and small planes let every MMA
+// operand load straight into its register (no moves).
 __device__ void prepare_tile(const MomentShape& s, int64_t tile, const float* raw_x,
-                             const float* shift, float2* pairs, int* table) {
+                             const float* shift, float* split, int* table) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int plane_row = warp; plane_row < s.c_x * s.rows; plane_row += kWarps) {
+    const int ci = plane_row / s.rows, r = plane_row - ci * s.rows;
+    const float* src = raw_x + ci * s.plane_raw + r * kRowW;
+    float* big_dst = split + ci * s.plane_split + r * kRowW;
+    float* small_dst = big_dst + kCx * s.plane_split;
+    const float sh = shift[ci];
+    for (int j = lane; j < kRowW; j += 32) {
+      uint32_t big, small;
+      split_tf32(src[j] - sh, big, small);
+      big_dst[j] = __uint_as_float(big);
+      small_dst[j] = __uint_as_float(small);
+    }
+  }
   const int64_t n = tile / s.tiles_per_image;
   const int p0 = static_cast<int>(tile - n * s.tiles_per_image) * kPixels;
-  const int words = s.rows * s.row_w;
-  for (int i = threadIdx.x; i < s.c_x * words; i += kThreads) {
-    const int ci = i / words, j = i - ci * words;
-    uint32_t big, small;
-    split_tf32(raw_x[ci * s.plane_raw + j] - shift[ci], big, small);
-    pairs[ci * s.plane_pair + j] = make_float2(__uint_as_float(big), __uint_as_float(small));
-  }
   const int oh0 = p0 / s.w_g;
   for (int i = threadIdx.x; i < kPixels; i += kThreads) {
     const int p = p0 + i, oh = p / s.w_g, ow = p - oh * s.w_g;
-    table[i] = p < s.plane_g ? (oh - oh0) * s.row_w + ow + kLeft - s.pad_w : words;
+    table[i] = p < s.plane_g ? (oh - oh0) * kRowW + ow + kLeft - s.pad_w : s.plane_raw;
   }
 }
 
 __device__ __forceinline__ uint32_t bits(float v) { return __float_as_uint(v); }
 
-// 3xTF32 product of (big, small) A and B fragments into d.
+// 3xTF32 product of split A and B fragments into d (small terms first).
 __device__ __forceinline__ void mma_3xtf32(float (&d)[4], const uint32_t (&a_big)[4],
-                                           const uint32_t (&a_small)[4], float2 b0, float2 b1) {
-  mma_tf32(d, a_small, bits(b0.x), bits(b1.x));
-  mma_tf32(d, a_big, bits(b0.y), bits(b1.y));
-  mma_tf32(d, a_big, bits(b0.x), bits(b1.x));
+                                           const uint32_t (&a_small)[4], const float (&b_big)[2],
+                                           const float (&b_small)[2]) {
+  mma_tf32(d, a_small, bits(b_big[0]), bits(b_big[1]));
+  mma_tf32(d, a_big, bits(b_small[0]), bits(b_small[1]));
+  mma_tf32(d, a_big, bits(b_big[0]), bits(b_big[1]));
 }
 
-// Word offset of tap (kr, kq) from tap (0, 0) in a staged row layout.
-__device__ __forceinline__ int tap_offset(const MomentShape& s, int tap) {
-  return (tap / 3) * s.row_w + tap % 3;
+constexpr int tap_offset(int tap) { return (tap / 3) * kRowW + tap % 3; }
+
+// The warp roles. kRole 0: a Gw channel block (warps 0..3). kRole 1..4: the G
+// fragments with row taps {2r, 2r+1} for r = kRole - 1 (and r = 4, the lone row
+// tap 8, with r = 2), columns b = 2r..8.
+constexpr int kGFragCount[5] = {0, 9, 7, 6, 3};
+constexpr int kFirstTap[5] = {0, 0, 2, 4, 6};  // taps a role loads: kFirstTap..8
+__host__ __device__ constexpr int g_row_tap(int role, int f) {
+  return role == 3 && f == 5 ? 8 : 2 * (role - 1);
+}
+__host__ __device__ constexpr int g_col_tap(int role, int f) {
+  return role == 3 && f == 5 ? 8 : 2 * (role - 1) + f;
 }
 
-// The whole persistent loop for one warp that holds kGwTaps Gw fragments and
-// kG G fragments (all warps run it, with their own counts, and meet at the same
-// barriers).
-template <int kVec, int kGwTaps, int kG>
+// The persistent loop of one warp (all warps run it, with their role's
+// fragments, and meet at the same barriers).
+template <int kVec, int kRole, bool kGram>
 __device__ void moments_loop(const float* __restrict__ g, const float* __restrict__ x,
                              double* __restrict__ partials, const MomentShape& s, float* ring,
-                             float2* pairs, int* table, const float* shift) {
+                             float* split, int* table, const float* shift) {
+  constexpr bool kComputes = kRole == 0 || kGram;
+  constexpr int kFrags = kRole == 0 ? kTaps : kGFragCount[kRole];
+  constexpr int kTap0 = kFirstTap[kRole];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int fg = lane / 4, ft = lane % 4;  // fragment row group / thread in group
-  const int cb = warp % 4, tg = warp / 4;
-  const int tap0 = tg == 0 ? 0 : 2 * tg + 1;
-  int gw_off[kGwTaps];
-#pragma unroll
-  for (int j = 0; j < kGwTaps; ++j) gw_off[j] = tap_offset(s, tap0 + j);
-  // G fragment f = (r, b): rows (ci, tap 2r) and (ci, tap 2r + 1) (zero past
-  // tap 8), columns (ci', tap b), b = 2r..8; listed r-major.
-  constexpr int kGA = kG > 0 ? kG : 1;  // array extents
-  int ga[kGA], gb[kGA], g_tap_a[kGA], g_tap_b[kGA];
-  bool g_pair[kGA];
-#pragma unroll
-  for (int j = 0; j < kG; ++j) {
-    int f = warp < 4 ? warp : 4 + 2 * (warp - 4) + j, r = 0;
-    while (f >= kTaps - 2 * r) f -= kTaps - 2 * r++;
-    g_tap_a[j] = 2 * r;
-    g_tap_b[j] = 2 * r + f;
-    g_pair[j] = 2 * r + 1 < kTaps;
-    ga[j] = tap_offset(s, g_tap_a[j]);
-    gb[j] = tap_offset(s, g_tap_b[j]);
-  }
+  const int cb = warp;                     // role 0: channel block
+  // sum X: role-0 warp w sums the taps [sum_lo, sum_hi): {0,1,2}, {3,4}, {5,6}, {7,8}.
+  const int sum_lo = warp == 0 ? 0 : 2 * warp + 1, sum_hi = 2 * warp + 3;
 
-  float run_gw[kGwTaps][4], run_g[kGA][4];
-  double run_sum_g[2] = {0, 0}, run_sum_x[kGwTaps];
+  float run[kFrags][4];
+  double run_sum_g[2] = {0, 0}, run_sum_x[kTaps];
 #pragma unroll
-  for (int j = 0; j < kGwTaps; ++j) {
-    run_sum_x[j] = 0;
+  for (int j = 0; j < kFrags; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) run_gw[j][e] = 0.f;
-  }
+    for (int e = 0; e < 4; ++e) run[j][e] = 0.f;
 #pragma unroll
-  for (int j = 0; j < kGA; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) run_g[j][e] = 0.f;
+  for (int t = 0; t < kTaps; ++t) run_sum_x[t] = 0;
 
   const int64_t my_tiles =
       s.tiles > blockIdx.x ? (s.tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
   if (my_tiles > 0) stage_tile<kVec>(g, x, s, blockIdx.x, ring);
   for (int64_t iter = 0; iter < my_tiles; ++iter) {
     const int64_t tile = blockIdx.x + iter * gridDim.x;
-    float* stage = ring + (iter % 2) * s.stage_floats;
+    const float* stage = ring + (iter % 2) * s.stage_floats;
     cp_async_wait<0>();
     __syncthreads();  // the tile landed; every warp is done with the previous one
     if (iter + 1 < my_tiles) {
       stage_tile<kVec>(g, x, s, tile + gridDim.x, ring + ((iter + 1) % 2) * s.stage_floats);
     }
-    prepare_tile(s, tile, stage + kCo * kGStride, shift, pairs, table);
+    prepare_tile(s, tile, stage + kCo * kGStride, shift, split, table);
     __syncthreads();
-
-    float acc_gw[kGwTaps][4], acc_g[kGA][4], sum_g[2] = {0.f, 0.f}, sum_x[kGwTaps];
+    if constexpr (kComputes) {
+      const float* gs = stage + (16 * cb + fg) * kGStride + ft;
+      const float* xb = split + fg * s.plane_split;  // the lane's input channel ci = fg
+      const float* xsm = xb + kCx * s.plane_split;
+      float sum_g[2] = {0.f, 0.f}, sum_x[kTaps];
 #pragma unroll
-    for (int j = 0; j < kGwTaps; ++j) {
-      sum_x[j] = 0.f;
+      for (int t = 0; t < kTaps; ++t) sum_x[t] = 0.f;
+      for (int ks0 = 0; ks0 < kKSteps; ks0 += kFreshSteps) {
+        float acc[kFrags][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_gw[j][e] = 0.f;
-    }
+        for (int j = 0; j < kFrags; ++j)
 #pragma unroll
-    for (int j = 0; j < kGA; ++j)
+          for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_g[j][e] = 0.f;
-    const float* gs = stage + (16 * cb + fg) * kGStride + ft;
-    const float2* xs = pairs + fg * s.plane_pair;  // the lane's input channel ci = fg
-#pragma unroll 2
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      const int o0 = table[8 * ks + ft], o1 = table[8 * ks + ft + 4];
-      // A of Gw: a0 = g[c][p], a1 = g[c + 8][p], a2 = g[c][p + 4], a3 = g[c + 8][p + 4].
-      const float gv[4] = {gs[8 * ks], gs[8 * kGStride + 8 * ks], gs[8 * ks + 4],
-                           gs[8 * kGStride + 8 * ks + 4]};
-      uint32_t a_big[4], a_small[4];
+        for (int ks = ks0; ks < ks0 + kFreshSteps; ++ks) {
+          // X of the taps at pixels p = 8ks + ft and p + 4: B fragments (b0, b1)
+          // or halves of A fragments.
+          const int o0 = table[8 * ks + ft], o1 = table[8 * ks + ft + 4];
+          float xv[kTaps][2], xw[kTaps][2];  // big, small
 #pragma unroll
-      for (int e = 0; e < 4; ++e) split_tf32(gv[e], a_big[e], a_small[e]);
-      sum_g[0] += gv[0] + gv[2];
-      sum_g[1] += gv[1] + gv[3];
+          for (int t = kTap0; t < kTaps; ++t) {
+            xv[t][0] = xb[o0 + tap_offset(t)];
+            xv[t][1] = xb[o1 + tap_offset(t)];
+            xw[t][0] = xsm[o0 + tap_offset(t)];
+            xw[t][1] = xsm[o1 + tap_offset(t)];
+          }
+          if constexpr (kRole == 0) {
+            // A = g: a0 = g[c][p], a1 = g[c + 8][p], a2 = g[c][p + 4], a3 = g[c + 8][p + 4].
+            const float gv[4] = {gs[8 * ks], gs[8 * kGStride + 8 * ks], gs[8 * ks + 4],
+                                 gs[8 * kGStride + 8 * ks + 4]};
+            uint32_t a_big[4], a_small[4];
 #pragma unroll
-      for (int j = 0; j < kGwTaps; ++j) {
-        // B: b0 = X[p][(ci, tap)], b1 = X[p + 4][(ci, tap)].
-        const float2 b0 = xs[o0 + gw_off[j]], b1 = xs[o1 + gw_off[j]];
-        mma_3xtf32(acc_gw[j], a_big, a_small, b0, b1);
-        sum_x[j] += (b0.x + b0.y) + (b1.x + b1.y);
+            for (int e = 0; e < 4; ++e) split_tf32(gv[e], a_big[e], a_small[e]);
+            sum_g[0] += gv[0] + gv[2];
+            sum_g[1] += gv[1] + gv[3];
+#pragma unroll
+            for (int t = 0; t < kTaps; ++t) mma_3xtf32(acc[t], a_big, a_small, xv[t], xw[t]);
+            // sum X: this warp's share of the taps (a warp-uniform branch).
+#pragma unroll
+            for (int t = 0; t < kTaps; ++t) {
+              if (t >= sum_lo && t < sum_hi) {
+                sum_x[t] += (xv[t][0] + xv[t][1]) + (xw[t][0] + xw[t][1]);
+              }
+            }
+          } else {
+#pragma unroll
+            for (int f = 0; f < kFrags; ++f) {
+              // A: a0 = X[p][(ci, a)], a1 = X[p][(ci, a + 1)] (zero past tap 8),
+              // a2/a3 the same at p + 4; B = X[.][(ci', b)].
+              const int a = g_row_tap(kRole, f), b = g_col_tap(kRole, f);
+              const int a1 = a + 1 < kTaps ? a + 1 : a;
+              const bool pair = a + 1 < kTaps;
+              const uint32_t ab[4] = {bits(xv[a][0]), pair ? bits(xv[a1][0]) : 0u, bits(xv[a][1]),
+                                      pair ? bits(xv[a1][1]) : 0u};
+              const uint32_t as[4] = {bits(xw[a][0]), pair ? bits(xw[a1][0]) : 0u, bits(xw[a][1]),
+                                      pair ? bits(xw[a1][1]) : 0u};
+              mma_3xtf32(acc[f], ab, as, xv[b], xw[b]);
+            }
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kFrags; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) run[j][e] += acc[j][e];
       }
+      run_sum_g[0] += sum_g[0];
+      run_sum_g[1] += sum_g[1];
 #pragma unroll
-      for (int j = 0; j < kG; ++j) {
-        // A: a0 = X[p][(ci, 2r)], a1 = X[p][(ci, 2r+1)], a2/a3 the same at p + 4.
-        const float2 zero = make_float2(0.f, 0.f);
-        const int a2 = tap_offset(s, g_tap_a[j] + 1) - ga[j];
-        const float2 x0 = xs[o0 + ga[j]], x2 = xs[o1 + ga[j]];
-        const float2 x1 = g_pair[j] ? xs[o0 + ga[j] + a2] : zero;
-        const float2 x3 = g_pair[j] ? xs[o1 + ga[j] + a2] : zero;
-        const uint32_t xa_big[4] = {bits(x0.x), bits(x1.x), bits(x2.x), bits(x3.x)};
-        const uint32_t xa_small[4] = {bits(x0.y), bits(x1.y), bits(x2.y), bits(x3.y)};
-        mma_3xtf32(acc_g[j], xa_big, xa_small, xs[o0 + gb[j]], xs[o1 + gb[j]]);
-      }
+      for (int t = 0; t < kTaps; ++t) run_sum_x[t] += sum_x[t];
     }
-#pragma unroll
-    for (int j = 0; j < kGwTaps; ++j) {
-      run_sum_x[j] += sum_x[j];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) run_gw[j][e] += acc_gw[j][e];
-    }
-#pragma unroll
-    for (int j = 0; j < kG; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) run_g[j][e] += acc_g[j][e];
-    run_sum_g[0] += sum_g[0];
-    run_sum_g[1] += sum_g[1];
   }
   cp_async_wait<0>();
+  if constexpr (!kComputes) return;
 
   // The block's record. d0 = D[fg][2ft], d1 = D[fg][2ft + 1], d2/d3 = row fg + 8.
   double* rec = partials + static_cast<int64_t>(blockIdx.x) * kRecord;
-  const int c = 16 * cb + fg;
+  if constexpr (kRole == 0) {
+    const int c = 16 * cb + fg;
 #pragma unroll
-  for (int j = 0; j < kGwTaps; ++j) {
-    const int tap = tap0 + j;
-    rec[kRecGw + c * kK + (2 * ft) * kTaps + tap] = run_gw[j][0];
-    rec[kRecGw + c * kK + (2 * ft + 1) * kTaps + tap] = run_gw[j][1];
-    rec[kRecGw + (c + 8) * kK + (2 * ft) * kTaps + tap] = run_gw[j][2];
-    rec[kRecGw + (c + 8) * kK + (2 * ft + 1) * kTaps + tap] = run_gw[j][3];
-  }
-#pragma unroll
-  for (int j = 0; j < kG; ++j) {
-    const int col = (2 * ft) * kTaps + g_tap_b[j];
-    const int row = fg * kTaps + g_tap_a[j];
-    rec[kRecG + row * kK + col] = run_g[j][0];
-    rec[kRecG + row * kK + col + kTaps] = run_g[j][1];
-    if (g_pair[j]) {
-      rec[kRecG + (row + 1) * kK + col] = run_g[j][2];
-      rec[kRecG + (row + 1) * kK + col + kTaps] = run_g[j][3];
+    for (int t = 0; t < kTaps; ++t) {
+      rec[kRecGw + c * kK + (2 * ft) * kTaps + t] = run[t][0];
+      rec[kRecGw + c * kK + (2 * ft + 1) * kTaps + t] = run[t][1];
+      rec[kRecGw + (c + 8) * kK + (2 * ft) * kTaps + t] = run[t][2];
+      rec[kRecGw + (c + 8) * kK + (2 * ft + 1) * kTaps + t] = run[t][3];
     }
-  }
-  // Sums over the four lanes of a row group (fixed order): sum g by the warps
-  // of tap group 0, sum X by the warps of channel block 0.
-  auto quad_sum = [](double v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
-  };
-  const double sg0 = quad_sum(run_sum_g[0]), sg1 = quad_sum(run_sum_g[1]);
-  if (tg == 0 && ft == 0) {
-    rec[kRecSumG + c] = sg0;
-    rec[kRecSumG + c + 8] = sg1;
-  }
+    // Sums over the four lanes of a row group, in a fixed order.
+    auto quad_sum = [](double v) {
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      return v + __shfl_xor_sync(0xffffffffu, v, 2);
+    };
+    const double sg0 = quad_sum(run_sum_g[0]), sg1 = quad_sum(run_sum_g[1]);
+    if (ft == 0) {
+      rec[kRecSumG + c] = sg0;
+      rec[kRecSumG + c + 8] = sg1;
+    }
 #pragma unroll
-  for (int j = 0; j < kGwTaps; ++j) {
-    const double sx = quad_sum(run_sum_x[j]);
-    if (cb == 0 && ft == 0) rec[kRecS + fg * kTaps + tap0 + j] = sx;
+    for (int t = 0; t < kTaps; ++t) {
+      if (t >= sum_lo && t < sum_hi) {
+        const double sx = quad_sum(run_sum_x[t]);
+        if (ft == 0) rec[kRecS + fg * kTaps + t] = sx;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int f = 0; f < kFrags; ++f) {
+      const int a = g_row_tap(kRole, f), b = g_col_tap(kRole, f);
+      const int row = fg * kTaps + a, col = (2 * ft) * kTaps + b;
+      rec[kRecG + row * kK + col] = run[f][0];
+      rec[kRecG + row * kK + col + kTaps] = run[f][1];
+      if (a + 1 < kTaps) {
+        rec[kRecG + (row + 1) * kK + col] = run[f][2];
+        rec[kRecG + (row + 1) * kK + col + kTaps] = run[f][3];
+      }
+    }
   }
 }
 
@@ -327,28 +348,33 @@ __global__ void __launch_bounds__(kThreads, 1)
                         double* __restrict__ partials, MomentShape s) {
   extern __shared__ uint4 smem_u4[];
   float* ring = reinterpret_cast<float*>(smem_u4);
-  float2* pairs = reinterpret_cast<float2*>(ring + 2 * s.stage_floats);
-  int* table = reinterpret_cast<int*>(pairs + kCx * s.plane_pair);
-  float* shift = reinterpret_cast<float*>(table + kPixels);
-  // Zeros that are never overwritten: g channels past c_g, the padding columns
-  // and unused planes of the raw rows, the pair planes' zero blocks and planes
+  float* split = ring + 2 * s.stage_floats;
+  float* shift = split + 2 * kCx * s.plane_split;
+  int* table = reinterpret_cast<int*>(shift + kCx);
+  // Zeros that are never overwritten: g channels past c_g, the left columns
+  // and unused planes of the raw rows, the split planes' zero blocks and planes
   // past c_x.
-  for (int i = threadIdx.x; i < 2 * s.stage_floats; i += kThreads) ring[i] = 0.f;
-  for (int i = threadIdx.x; i < kCx * s.plane_pair; i += kThreads) {
-    pairs[i] = make_float2(0.f, 0.f);
+  for (int i = threadIdx.x; i < 2 * s.stage_floats + 2 * kCx * s.plane_split; i += kThreads) {
+    ring[i] = 0.f;
   }
   if (threadIdx.x < kCx) shift[threadIdx.x] = shift_of(x, s, threadIdx.x);
   __syncthreads();
 
-  const int warp = threadIdx.x / 32;
-  if (warp < 4) {
-    moments_loop<kVec, 3, kGram ? 1 : 0>(g, x, partials, s, ring, pairs, table, shift);
-  } else if (warp < 14) {
-    moments_loop<kVec, 2, kGram ? 2 : 0>(g, x, partials, s, ring, pairs, table, shift);
-  } else if (warp == 14) {
-    moments_loop<kVec, 2, kGram ? 1 : 0>(g, x, partials, s, ring, pairs, table, shift);
-  } else {
-    moments_loop<kVec, 2, 0>(g, x, partials, s, ring, pairs, table, shift);
+  switch (threadIdx.x / 32) {
+    case 4:
+      moments_loop<kVec, 1, kGram>(g, x, partials, s, ring, split, table, shift);
+      break;
+    case 5:
+      moments_loop<kVec, 2, kGram>(g, x, partials, s, ring, split, table, shift);
+      break;
+    case 6:
+      moments_loop<kVec, 3, kGram>(g, x, partials, s, ring, split, table, shift);
+      break;
+    case 7:
+      moments_loop<kVec, 4, kGram>(g, x, partials, s, ring, split, table, shift);
+      break;
+    default:
+      moments_loop<kVec, 0, kGram>(g, x, partials, s, ring, split, table, shift);
   }
 }
 
@@ -457,7 +483,7 @@ std::optional<MomentShape> make_moment_shape(const at::Tensor& input, const at::
   const int64_t h_g = h + 2 * padding[0] - 2, w_g = w + 2 * padding[1] - 2;
   constexpr int64_t kInt32 = int64_t{1} << 31;
   if (c_x > kCx || c_g > kCo || h_g <= 0 || w_g <= 0 || c_g * h_g * w_g >= kInt32 ||
-      c_x * h * w >= kInt32 || w > 4096) {
+      c_x * h * w >= kInt32 || w > kMaxW) {
     return std::nullopt;
   }
   MomentShape s{};
@@ -476,12 +502,9 @@ std::optional<MomentShape> make_moment_shape(const at::Tensor& input, const at::
   // 128 consecutive pixels touch at most (127 / w_g) + 2 output rows; each
   // needs the input rows under it and two more.
   s.rows = (kPixels - 1) / s.w_g + 4;
-  // Columns: kLeft (zeros, and the first pad_w of them the left padding), w,
-  // then right padding up to pad_w + 2 more: tap offsets reach kLeft + w + 3.
-  s.row_w = (kLeft + s.w + 4 + 3) & ~3;
-  s.plane_raw = s.rows * s.row_w;
-  const int pair_words = s.plane_raw + 2 * s.row_w + 3;  // + the zero block
-  s.plane_pair = pair_words + ((4 - pair_words) % 16 + 16) % 16;
+  s.plane_raw = s.rows * kRowW;
+  const int plane_words = s.plane_raw + 2 * kRowW + 3;  // + the zero block
+  s.plane_split = plane_words + ((4 - plane_words) % 32 + 32) % 32;
   s.stage_floats = kCo * kGStride + kCx * s.plane_raw;
   if (smem_bytes(s) > static_cast<size_t>(max_shared_memory_per_block(input.get_device()))) {
     return std::nullopt;
