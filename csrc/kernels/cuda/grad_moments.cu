@@ -107,7 +107,7 @@ __device__ __forceinline__ float shift_of(const float* x, const MomentShape& s, 
 // x rows (rows outside the image and columns past w as zeros) into a ring
 // stage. Channels of g past c_g and the left zero columns are never written.
 template <int kVec>
-__device__ void stage_tile(const float* __restrict__ g, const float* __restrict__ x,
+__device__ __noinline__ void stage_tile(const float* __restrict__ g, const float* __restrict__ x,
                            const MomentShape& s, int64_t tile, float* dst) {
   const int64_t n = tile / s.tiles_per_image;
   const int p0 = static_cast<int>(tile - n * s.tiles_per_image) * kPixels;
@@ -138,7 +138,7 @@ __device__ void stage_tile(const float* __restrict__ g, const float* __restrict_
 // (0, 0) in a plane (pixels past the image plane point at the zero block after
 // the rows, 2*kRowW + 3 words). Separate big and small planes let every MMA
 // operand load straight into its register (no moves).
-__device__ void prepare_tile(const MomentShape& s, int64_t tile, const float* raw_x,
+__device__ __noinline__ void prepare_tile(const MomentShape& s, int64_t tile, const float* raw_x,
                              const float* shift, float* split, int* table) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int plane_row = warp; plane_row < s.c_x * s.rows; plane_row += kWarps) {
@@ -165,27 +165,27 @@ __device__ void prepare_tile(const MomentShape& s, int64_t tile, const float* ra
 
 __device__ __forceinline__ uint32_t bits(float v) { return __float_as_uint(v); }
 
-// 3xTF32 product of split A and B fragments into d (small terms first).
-__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const uint32_t (&a_big)[4],
-                                           const uint32_t (&a_small)[4], const float (&b_big)[2],
-                                           const float (&b_small)[2]) {
-  mma_tf32(d, a_small, bits(b_big[0]), bits(b_big[1]));
-  mma_tf32(d, a_big, bits(b_small[0]), bits(b_small[1]));
-  mma_tf32(d, a_big, bits(b_big[0]), bits(b_big[1]));
-}
-
 constexpr int tap_offset(int tap) { return (tap / 3) * kRowW + tap % 3; }
 
-// The warp roles. kRole 0: a Gw channel block (warps 0..3). kRole 1..4: the G
-// fragments with row taps {2r, 2r+1} for r = kRole - 1 (and r = 4, the lone row
-// tap 8, with r = 2), columns b = 2r..8.
-constexpr int kGFragCount[5] = {0, 9, 7, 6, 3};
-constexpr int kFirstTap[5] = {0, 0, 2, 4, 6};  // taps a role loads: kFirstTap..8
-__host__ __device__ constexpr int g_row_tap(int role, int f) {
-  return role == 3 && f == 5 ? 8 : 2 * (role - 1);
+// The warp roles. kRole 0: a Gw channel block (warps 0..3, 9 fragments).
+// kRole 1..4: 6 or 7 of the 25 G fragments (a, b): rows (ci, a) and (ci, a + 1)
+// for a = 0, 2, 4, 6 (and the lone row tap a = 8), columns (ci', b), b >= a.
+// Warps w and w + 4 share a scheduler: 27 + 21 or 27 + 18 MMAs per k-step.
+constexpr int kGFragCount[5] = {0, 7, 6, 6, 6};
+constexpr int kFirstTap[5] = {0, 0, 0, 2, 4};  // taps a role loads: kFirstTap..8
+// Fragment f's row tap a and column tap b, one hexadecimal digit per fragment
+// (f = 0 lowest): rows {0 x7}, {0,0,2,2,2,2}, {2,2,2,4,4,4}, {4,4,6,6,6,8};
+// columns {0..6}, {7,8,2,3,4,5}, {6,7,8,4,5,6}, {7,8,6,7,8,8}.
+__host__ __device__ constexpr int g_frag_row(int role, int f) {
+  return static_cast<int>(((role == 2 ? 0x222200u : role == 3 ? 0x444222u : role == 4 ? 0x866644u : 0u) >>
+                           (4 * f)) & 15u);
 }
-__host__ __device__ constexpr int g_col_tap(int role, int f) {
-  return role == 3 && f == 5 ? 8 : 2 * (role - 1) + f;
+__host__ __device__ constexpr int g_frag_col(int role, int f) {
+  return static_cast<int>(((role == 1   ? 0x6543210u
+                            : role == 2 ? 0x543287u
+                            : role == 3 ? 0x654876u
+                                        : 0x887687u) >>
+                           (4 * f)) & 15u);
 }
 
 // The persistent loop of one warp (all warps run it, with their role's
@@ -260,8 +260,14 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
             for (int e = 0; e < 4; ++e) split_tf32(gv[e], a_big[e], a_small[e]);
             sum_g[0] += gv[0] + gv[2];
             sum_g[1] += gv[1] + gv[3];
+            // 3xTF32, product-major: nine independent accumulators between the
+            // dependent MMAs of one.
 #pragma unroll
-            for (int t = 0; t < kTaps; ++t) mma_3xtf32(acc[t], a_big, a_small, xv[t], xw[t]);
+            for (int t = 0; t < kTaps; ++t) mma_tf32(acc[t], a_small, bits(xv[t][0]), bits(xv[t][1]));
+#pragma unroll
+            for (int t = 0; t < kTaps; ++t) mma_tf32(acc[t], a_big, bits(xw[t][0]), bits(xw[t][1]));
+#pragma unroll
+            for (int t = 0; t < kTaps; ++t) mma_tf32(acc[t], a_big, bits(xv[t][0]), bits(xv[t][1]));
             // sum X: this warp's share of the taps (a warp-uniform branch).
 #pragma unroll
             for (int t = 0; t < kTaps; ++t) {
@@ -270,18 +276,37 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
               }
             }
           } else {
+            // A: a0 = X[p][(ci, a)], a1 = X[p][(ci, a + 1)] (zero past tap 8),
+            // a2/a3 the same at p + 4; B = X[.][(ci', b)]. Product-major.
+            uint32_t ab[kFrags][4], as[kFrags][4];
 #pragma unroll
             for (int f = 0; f < kFrags; ++f) {
-              // A: a0 = X[p][(ci, a)], a1 = X[p][(ci, a + 1)] (zero past tap 8),
-              // a2/a3 the same at p + 4; B = X[.][(ci', b)].
-              const int a = g_row_tap(kRole, f), b = g_col_tap(kRole, f);
+              const int a = g_frag_row(kRole, f);
               const int a1 = a + 1 < kTaps ? a + 1 : a;
               const bool pair = a + 1 < kTaps;
-              const uint32_t ab[4] = {bits(xv[a][0]), pair ? bits(xv[a1][0]) : 0u, bits(xv[a][1]),
-                                      pair ? bits(xv[a1][1]) : 0u};
-              const uint32_t as[4] = {bits(xw[a][0]), pair ? bits(xw[a1][0]) : 0u, bits(xw[a][1]),
-                                      pair ? bits(xw[a1][1]) : 0u};
-              mma_3xtf32(acc[f], ab, as, xv[b], xw[b]);
+              ab[f][0] = bits(xv[a][0]);
+              ab[f][1] = pair ? bits(xv[a1][0]) : 0u;
+              ab[f][2] = bits(xv[a][1]);
+              ab[f][3] = pair ? bits(xv[a1][1]) : 0u;
+              as[f][0] = bits(xw[a][0]);
+              as[f][1] = pair ? bits(xw[a1][0]) : 0u;
+              as[f][2] = bits(xw[a][1]);
+              as[f][3] = pair ? bits(xw[a1][1]) : 0u;
+            }
+#pragma unroll
+            for (int f = 0; f < kFrags; ++f) {
+              const int b = g_frag_col(kRole, f);
+              mma_tf32(acc[f], as[f], bits(xv[b][0]), bits(xv[b][1]));
+            }
+#pragma unroll
+            for (int f = 0; f < kFrags; ++f) {
+              const int b = g_frag_col(kRole, f);
+              mma_tf32(acc[f], ab[f], bits(xw[b][0]), bits(xw[b][1]));
+            }
+#pragma unroll
+            for (int f = 0; f < kFrags; ++f) {
+              const int b = g_frag_col(kRole, f);
+              mma_tf32(acc[f], ab[f], bits(xv[b][0]), bits(xv[b][1]));
             }
           }
         }
@@ -330,7 +355,7 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
   } else {
 #pragma unroll
     for (int f = 0; f < kFrags; ++f) {
-      const int a = g_row_tap(kRole, f), b = g_col_tap(kRole, f);
+      const int a = g_frag_row(kRole, f), b = g_frag_col(kRole, f);
       const int row = fg * kTaps + a, col = (2 * ft) * kTaps + b;
       rec[kRecG + row * kK + col] = run[f][0];
       rec[kRecG + row * kK + col + kTaps] = run[f][1];
