@@ -200,8 +200,10 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int fg = lane / 4, ft = lane % 4;  // fragment row group / thread in group
   const int cb = warp;                     // role 0: channel block
-  // sum X: role-0 warp w sums the taps [sum_lo, sum_hi): {0,1,2}, {3,4}, {5,6}, {7,8}.
-  const int sum_lo = warp == 0 ? 0 : 2 * warp + 1, sum_hi = 2 * warp + 3;
+  // sum X (training only): G role r sums the taps [kSumLo, kSumHi): {0,1}, {2,3,4},
+  // {5,6}, {7,8} (a compile-time share next to its 18 or 21 MMAs per k-step).
+  constexpr int kSumLo = kRole == 1 ? 0 : kRole == 2 ? 2 : kRole == 3 ? 5 : kRole == 4 ? 7 : 0;
+  constexpr int kSumHi = kRole == 1 ? 2 : kRole == 2 ? 5 : kRole == 3 ? 7 : kRole == 4 ? 9 : 0;
 
   float run[kFrags][4];
   double run_sum_g[2] = {0, 0}, run_sum_x[kTaps];
@@ -268,14 +270,11 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
             for (int t = 0; t < kTaps; ++t) mma_tf32(acc[t], a_big, bits(xw[t][0]), bits(xw[t][1]));
 #pragma unroll
             for (int t = 0; t < kTaps; ++t) mma_tf32(acc[t], a_big, bits(xv[t][0]), bits(xv[t][1]));
-            // sum X: this warp's share of the taps (a warp-uniform branch).
-#pragma unroll
-            for (int t = 0; t < kTaps; ++t) {
-              if (t >= sum_lo && t < sum_hi) {
-                sum_x[t] += (xv[t][0] + xv[t][1]) + (xw[t][0] + xw[t][1]);
-              }
-            }
           } else {
+#pragma unroll
+            for (int t = kSumLo; t < kSumHi; ++t) {
+              sum_x[t] += (xv[t][0] + xv[t][1]) + (xw[t][0] + xw[t][1]);
+            }
             // A: a0 = X[p][(ci, a)], a1 = X[p][(ci, a + 1)] (zero past tap 8),
             // a2/a3 the same at p + 4; B = X[.][(ci', b)]. Product-major.
             uint32_t ab[kFrags][4], as[kFrags][4];
@@ -326,6 +325,11 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
 
   // The block's record. d0 = D[fg][2ft], d1 = D[fg][2ft + 1], d2/d3 = row fg + 8.
   double* rec = partials + static_cast<int64_t>(blockIdx.x) * kRecord;
+  // Sums over the four lanes of a row group, in a fixed order.
+  auto quad_sum = [](double v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+  };
   if constexpr (kRole == 0) {
     const int c = 16 * cb + fg;
 #pragma unroll
@@ -335,22 +339,10 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
       rec[kRecGw + (c + 8) * kK + (2 * ft) * kTaps + t] = run[t][2];
       rec[kRecGw + (c + 8) * kK + (2 * ft + 1) * kTaps + t] = run[t][3];
     }
-    // Sums over the four lanes of a row group, in a fixed order.
-    auto quad_sum = [](double v) {
-      v += __shfl_xor_sync(0xffffffffu, v, 1);
-      return v + __shfl_xor_sync(0xffffffffu, v, 2);
-    };
     const double sg0 = quad_sum(run_sum_g[0]), sg1 = quad_sum(run_sum_g[1]);
     if (ft == 0) {
       rec[kRecSumG + c] = sg0;
       rec[kRecSumG + c + 8] = sg1;
-    }
-#pragma unroll
-    for (int t = 0; t < kTaps; ++t) {
-      if (t >= sum_lo && t < sum_hi) {
-        const double sx = quad_sum(run_sum_x[t]);
-        if (ft == 0) rec[kRecS + fg * kTaps + t] = sx;
-      }
     }
   } else {
 #pragma unroll
@@ -363,6 +355,11 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
         rec[kRecG + (row + 1) * kK + col] = run[f][2];
         rec[kRecG + (row + 1) * kK + col + kTaps] = run[f][3];
       }
+    }
+#pragma unroll
+    for (int t = kSumLo; t < kSumHi; ++t) {
+      const double sx = quad_sum(run_sum_x[t]);
+      if (ft == 0) rec[kRecS + fg * kTaps + t] = sx;
     }
   }
 }
@@ -410,11 +407,11 @@ __global__ void reduce_moments_kernel(const double* __restrict__ partials, int b
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= kRecord) return;
   int src = e;
+  if (!gram && e >= kRecG && e < kRecSumG) {  // G and sum X: training only
+    total[e] = 0;
+    return;
+  }
   if (e >= kRecG && e < kRecS) {
-    if (!gram) {
-      total[e] = 0;
-      return;
-    }
     const int row = (e - kRecG) / kK, col = (e - kRecG) % kK;
     if (row % kTaps > col % kTaps) src = kRecG + col * kK + row;
   }
