@@ -22,15 +22,15 @@
 // 64 channels (64 x 128 floats) and the input rows under the tile (8 channels,
 // rows + 2 halo rows, in rows of kRowW words: 4 zero columns on the left, so
 // that the copies stay 16-byte aligned, then w <= 128 columns and zeros) through
-// a 2-deep cp.async ring. After a tile lands, one pass converts its x rows to
-// shifted (big, small) TF32 pairs and builds a table of each pixel's offset, so
-// the MMA loop only loads (at compile-time tap offsets). Per k8 step (8 pixels)
+// a 2-deep cp.async ring. After a tile lands, one pass splits its shifted x
+// rows into TF32 big and small planes and builds a table of each pixel's
+// offset, so the MMA loop only loads (at compile-time tap offsets). Per k8 step (8 pixels)
 // the products are m16n8k8 MMAs (3xTF32):
 //   Gw: A = g (16 channels x 8 pixels), B = X of one tap (8 pixels x 8 ci):
 //       warp w < 4 owns channel block w for all 9 taps (9 fragments);
 //   G:  A = X of two taps (16 rows (ci, tap) x 8 pixels), B = X of one tap:
 //       the tap pairs a <= b only (G is symmetric), 25 fragments over warps
-//       4..7 by the row taps (9, 7, 6, 3 fragments; training only).
+//       4..7 (7, 6, 6, 6 fragments; training only), which also sum X.
 // The X fragment of a tap is the same registers as A or B (row/col = ci,
 // k = pixel), so no im2col matrix is formed. Accumulators start fresh every 4
 // k-steps (the tensor core's float32 accumulation truncates; 12 MMAs per
@@ -177,15 +177,20 @@ constexpr int kFirstTap[5] = {0, 0, 0, 2, 4};  // taps a role loads: kFirstTap..
 // (f = 0 lowest): rows {0 x7}, {0,0,2,2,2,2}, {2,2,2,4,4,4}, {4,4,6,6,6,8};
 // columns {0..6}, {7,8,2,3,4,5}, {6,7,8,4,5,6}, {7,8,6,7,8,8}.
 __host__ __device__ constexpr int g_frag_row(int role, int f) {
-  return static_cast<int>(((role == 2 ? 0x222200u : role == 3 ? 0x444222u : role == 4 ? 0x866644u : 0u) >>
-                           (4 * f)) & 15u);
+  return static_cast<int>(((role == 2   ? 0x222200u
+                            : role == 3 ? 0x444222u
+                            : role == 4 ? 0x866644u
+                                        : 0u) >>
+                           (4 * f)) &
+                          15u);
 }
 __host__ __device__ constexpr int g_frag_col(int role, int f) {
   return static_cast<int>(((role == 1   ? 0x6543210u
                             : role == 2 ? 0x543287u
                             : role == 3 ? 0x654876u
                                         : 0x887687u) >>
-                           (4 * f)) & 15u);
+                           (4 * f)) &
+                          15u);
 }
 
 // The persistent loop of one warp (all warps run it, with their role's
@@ -265,7 +270,9 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
             // 3xTF32, product-major: nine independent accumulators between the
             // dependent MMAs of one.
 #pragma unroll
-            for (int t = 0; t < kTaps; ++t) mma_tf32(acc[t], a_small, bits(xv[t][0]), bits(xv[t][1]));
+            for (int t = 0; t < kTaps; ++t) {
+              mma_tf32(acc[t], a_small, bits(xv[t][0]), bits(xv[t][1]));
+            }
 #pragma unroll
             for (int t = 0; t < kTaps; ++t) mma_tf32(acc[t], a_big, bits(xw[t][0]), bits(xw[t][1]));
 #pragma unroll
@@ -575,7 +582,8 @@ std::pair<at::Tensor, at::Tensor> grad_moments(const at::Tensor& grad_out, const
     return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   };
   const bool vec4 = s.plane_g % 4 == 0 && s.w % 4 == 0 && aligned(g) && aligned(x);
-  const bool gram = training && want_weight_grad;
+  // Training needs sum X (the recentring delta) and G; the G warps compute both.
+  const bool gram = training;
   const int grid = static_cast<int>(
       std::clamp<int64_t>(s.tiles, 1, multiprocessors(input.get_device())));  // 1 block per SM
   const auto f64 = input.options().dtype(at::kDouble);

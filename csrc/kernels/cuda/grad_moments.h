@@ -24,10 +24,10 @@ bool grad_moments_supports(const at::Tensor& input, const at::Tensor& weight,
                            at::IntArrayRef dilation, int64_t groups);
 
 // One pass over grad_out (g, float32) and the input x: with X the patch matrix
-// of x (zero padding) shifted per input channel, the sums sum g, sum g*X,
-// sum X and (when the weight gradient is wanted in training) sum X X^T, reduced
-// in float64 in a fixed order. From them, with the saved statistics (center =
-// mean - conv bias, invstd) and k = scale*gamma*invstd per channel:
+// of x (zero padding) shifted per input channel, the sums sum g, sum g*X and
+// (in training) sum X and sum X X^T, reduced in float64 in a fixed order. From
+// them, with the saved statistics (center = mean - conv bias, invstd) and
+// k = scale*gamma*invstd per channel:
 //   first  = the [kGradRows, C_out] rows above;
 //   second = grad_weight (float32, the weight's shape) if want_weight_grad,
 //            else undefined.
