@@ -135,8 +135,7 @@ SHAPES = [
     (2, 8, 37, 44, 64, 3, 1, 1, 1),  # taps, 16-byte rows: row (37 = 4*8 + 5), column tails
     (3, 3, 21, 69, 40, 3, 1, 0, 1),  # taps, 4-byte rows (67): padding 0, 3 slices, 8-ch. tail
     (2, 5, 14, 32, 20, 3, 1, 2, 1),  # taps, 8-byte rows (34): padding 2, 2 slices, 4-ch. tail
-    (2, 6, 30, 28, 48, 3, 1, 0, 1),  # moments: 26-pixel rows (a tile stages 6 input rows)
-    (2, 5, 20, 10, 24, 3, 1, 0, 1),  # moments: 8-pixel rows (11 staged rows, 1 block per SM)
+    (2, 6, 30, 28, 48, 3, 1, 0, 1),  # moments: 26-pixel rows (a tile spans 8 input rows)
 ]
 
 
@@ -179,7 +178,7 @@ def test_sanitize_backward_taps(training, width):
 def test_sanitize_backward_taps_several_tiles_per_block(c_out):
     # 12 * 3 * 4 = 144 tiles: more than the persistent grid (one block per SM), so blocks
     # carry the ring and Z from tile to tile (with one slice per tile too); the same for the
-    # patch moments' 12 * 48 tiles of 64 pixels (two blocks per SM).
+    # patch moments' 12 * 24 tiles of 128 pixels.
     check_backward((12, 4, 24, 128, c_out, 3, 1, 1, 1), dtype=torch.float32,
                    channels_last=False, training=True, seed=7)  # fmt: skip
 
@@ -271,8 +270,7 @@ def test_grad_input_taps_dispatch(shape, channels_last, padding, dilation, expec
         ((2, 3, 12, 30, 20, 3), False, 0, 1, True),  # 28 columns: a tile spans 8 input rows
         ((2, 8, 12, 41, 64, 3), False, 2, 1, True),
         ((1, 8, 4, 129, 64, 3), False, 1, 1, False),  # wider than a staged row (128)
-        ((2, 8, 12, 7, 64, 3), False, 1, 1, True),  # 64 pixels span 11 rows (13 staged)
-        ((2, 8, 12, 6, 64, 3), False, 1, 1, False),  # 13 rows: too many for shared memory
+        ((2, 8, 12, 12, 64, 3), False, 1, 1, False),  # 128 pixels span too many rows
         ((2, 8, 12, 40, 64, 3), True, 1, 1, False),  # NHWC
         ((2, 8, 12, 40, 64, 3), False, 3, 1, False),  # padding > 2
         ((2, 9, 12, 40, 64, 3), False, 1, 1, False),  # C_in > 8

@@ -17,17 +17,14 @@
 // offset in x (or in y) would otherwise cancel in float32 (the "shifted data"
 // variance formula); y - ctr = W . X~ - ctr' with ctr' = ctr - W . shift.
 //
-// Tiling: a persistent block of 8 warps (two per multiprocessor, 104 KB of
-// shared memory each for the reference problem) takes 64 consecutive output
-// pixels of one image per tile (flattened h*w, so no width is wasted). It
-// stages g for all 64 channels (64 x 64 floats, 2-deep ring) and the input rows
-// under the tile (8 channels, rows + 2 halo rows, in rows of kRowW words: 4
-// zero columns on the left, so that the copies stay 16-byte aligned, then
-// w <= 128 columns and zeros) with cp.async. After a tile lands, one pass
-// splits its shifted x rows into TF32 big and small planes and builds a table
-// of each pixel's offset, so the MMA loop only loads (at compile-time tap
-// offsets); the next tile's copies start after that pass and land during the
-// MMAs. Per k8 step (8 pixels)
+// Tiling: a persistent block of 8 warps takes 128 consecutive output pixels of
+// one image per tile (flattened h*w, so no width is wasted). It stages g for all
+// 64 channels (64 x 128 floats) and the input rows under the tile (8 channels,
+// rows + 2 halo rows, in rows of kRowW words: 4 zero columns on the left, so
+// that the copies stay 16-byte aligned, then w <= 128 columns and zeros) through
+// a 2-deep cp.async ring. After a tile lands, one pass splits its shifted x
+// rows into TF32 big and small planes and builds a table of each pixel's
+// offset, so the MMA loop only loads (at compile-time tap offsets). Per k8 step (8 pixels)
 // the products are m16n8k8 MMAs (3xTF32):
 //   Gw: A = g (16 channels x 8 pixels), B = X of one tap (8 pixels x 8 ci):
 //       warp w < 4 owns channel block w for all 9 taps (9 fragments);
@@ -59,14 +56,13 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kPixels = 64;  // per tile: 8 k8 steps
+constexpr int kPixels = 128;  // per tile: 16 k8 steps
 constexpr int kKSteps = kPixels / 8;
 constexpr int kFreshSteps = 4;  // k-steps per fresh accumulator
 // Words between the channel rows of the staged g tile (= 4 mod 32): an A
 // fragment load (8 channels x 4 pixels) hits 32 different banks.
 constexpr int kGStride = kPixels + 4;
 constexpr int kCo = 64;  // output channels: 4 m16 blocks
-constexpr int kGSlot = kCo * kGStride;  // one ring slot of g
 constexpr int kCx = 8;   // input channels: one n8 fragment
 constexpr int kTaps = 9;
 constexpr int kK = kCx * kTaps;  // 72 patch columns, k = ci*9 + tap
@@ -88,17 +84,16 @@ struct MomentShape {
   int c_x, h, w;               // x
   int pad_h, pad_w;
   int tiles_per_image;
-  int rows;        // staged input rows per tile: the rows under 64 pixels + 2
+  int rows;        // staged input rows per tile: the rows under 128 pixels + 2
   int plane_raw;   // words between the raw staged planes: rows * kRowW
   int plane_split;  // words between the planes of split x (big, then small): = 4 (mod 32)
-  int ring_floats;  // 2 g slots, then the raw x rows
+  int stage_floats;
 };
 
-// Shared memory: the ring (2 g tiles, one set of raw x rows: they are split
-// into the planes before the next tile's copies start), the split x planes
-// (kCx big, then kCx small), the shifts, the pixel table.
+// Shared memory: the ring (2 x [g tile | raw x rows]), the split x planes
+// (kCx big, then kCx small), the pixel table, the shifts.
 size_t smem_bytes(const MomentShape& s) {
-  return sizeof(float) * (static_cast<size_t>(s.ring_floats) +
+  return sizeof(float) * (2 * static_cast<size_t>(s.stage_floats) +
                           2 * kCx * static_cast<size_t>(s.plane_split) + kCx) +
          sizeof(int) * kPixels;
 }
@@ -108,13 +103,12 @@ __device__ __forceinline__ float shift_of(const float* x, const MomentShape& s, 
   return ci < s.c_x ? x[(static_cast<int64_t>(ci) * s.h + s.h / 2) * s.w + s.w / 2] : 0.f;
 }
 
-// Copies tile `tile`'s g (channels < c_g, pixels past the plane as zeros) to
-// g_dst and its x rows (rows outside the image and columns past w as zeros) to
-// x_dst. Channels of g past c_g and the left zero columns are never written.
+// Copies tile `tile`'s g (channels < c_g, pixels past the plane as zeros) and
+// x rows (rows outside the image and columns past w as zeros) into a ring
+// stage. Channels of g past c_g and the left zero columns are never written.
 template <int kVec>
 __device__ __noinline__ void stage_tile(const float* __restrict__ g, const float* __restrict__ x,
-                                        const MomentShape& s, int64_t tile, float* g_dst,
-                                        float* x_dst) {
+                           const MomentShape& s, int64_t tile, float* dst) {
   const int64_t n = tile / s.tiles_per_image;
   const int p0 = static_cast<int>(tile - n * s.tiles_per_image) * kPixels;
   constexpr int kGVecs = kPixels / kVec;
@@ -122,8 +116,9 @@ __device__ __noinline__ void stage_tile(const float* __restrict__ g, const float
   for (int i = threadIdx.x; i < s.c_g * kGVecs; i += kThreads) {
     const int c = i / kGVecs, p = p0 + (i % kGVecs) * kVec;
     const bool valid = p < s.plane_g;  // plane_g % kVec == 0: a vector is all in or all out
-    cp_async_vec<kVec>(g_dst + c * kGStride + p - p0, valid ? gn + c * s.plane_g + p : g, valid);
+    cp_async_vec<kVec>(dst + c * kGStride + p - p0, valid ? gn + c * s.plane_g + p : g, valid);
   }
+  float* xd = dst + kCo * kGStride;
   const int ih0 = p0 / s.w_g - s.pad_h;
   constexpr int kXVecs = kMaxW / kVec;
   for (int i = threadIdx.x; i < s.c_x * s.rows * kXVecs; i += kThreads) {
@@ -133,7 +128,7 @@ __device__ __noinline__ void stage_tile(const float* __restrict__ g, const float
     // w % kVec == 0: a vector is all in or all out
     const bool valid = static_cast<unsigned>(ih) < static_cast<unsigned>(s.h) && iw < s.w;
     const float* src = valid ? x + ((n * s.c_x + ci) * s.h + ih) * s.w + iw : x;
-    cp_async_vec<kVec>(x_dst + ci * s.plane_raw + r * kRowW + kLeft + iw, src, valid);
+    cp_async_vec<kVec>(xd + ci * s.plane_raw + r * kRowW + kLeft + iw, src, valid);
   }
   cp_async_commit();
 }
@@ -226,18 +221,17 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
 
   const int64_t my_tiles =
       s.tiles > blockIdx.x ? (s.tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  float* raw_x = ring + 2 * kGSlot;
-  if (my_tiles > 0) stage_tile<kVec>(g, x, s, blockIdx.x, ring, raw_x);
+  if (my_tiles > 0) stage_tile<kVec>(g, x, s, blockIdx.x, ring);
   for (int64_t iter = 0; iter < my_tiles; ++iter) {
     const int64_t tile = blockIdx.x + iter * gridDim.x;
-    const float* stage = ring + (iter % 2) * kGSlot;
+    const float* stage = ring + (iter % 2) * s.stage_floats;
     cp_async_wait<0>();
     __syncthreads();  // the tile landed; every warp is done with the previous one
-    prepare_tile(s, tile, raw_x, shift, split, table);
-    __syncthreads();  // the raw rows are free, the split planes ready
-    if (iter + 1 < my_tiles) {  // lands during this tile's MMAs
-      stage_tile<kVec>(g, x, s, tile + gridDim.x, ring + ((iter + 1) % 2) * kGSlot, raw_x);
+    if (iter + 1 < my_tiles) {
+      stage_tile<kVec>(g, x, s, tile + gridDim.x, ring + ((iter + 1) % 2) * s.stage_floats);
     }
+    prepare_tile(s, tile, stage + kCo * kGStride, shift, split, table);
+    __syncthreads();
     if constexpr (kComputes) {
       const float* gs = stage + (16 * cb + fg) * kGStride + ft;
       const float* xb = split + fg * s.plane_split;  // the lane's input channel ci = fg
@@ -378,18 +372,18 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
 }
 
 template <int kVec, bool kGram>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, 1)
     grad_moments_kernel(const float* __restrict__ g, const float* __restrict__ x,
                         double* __restrict__ partials, MomentShape s) {
   extern __shared__ uint4 smem_u4[];
   float* ring = reinterpret_cast<float*>(smem_u4);
-  float* split = ring + s.ring_floats;
+  float* split = ring + 2 * s.stage_floats;
   float* shift = split + 2 * kCx * s.plane_split;
   int* table = reinterpret_cast<int*>(shift + kCx);
   // Zeros that are never overwritten: g channels past c_g, the left columns
   // and unused planes of the raw rows, the split planes' zero blocks and planes
   // past c_x.
-  for (int i = threadIdx.x; i < s.ring_floats + 2 * kCx * s.plane_split; i += kThreads) {
+  for (int i = threadIdx.x; i < 2 * s.stage_floats + 2 * kCx * s.plane_split; i += kThreads) {
     ring[i] = 0.f;
   }
   if (threadIdx.x < kCx) shift[threadIdx.x] = shift_of(x, s, threadIdx.x);
@@ -534,13 +528,13 @@ std::optional<MomentShape> make_moment_shape(const at::Tensor& input, const at::
   s.pad_w = static_cast<int>(padding[1]);
   s.tiles_per_image = (s.plane_g + kPixels - 1) / kPixels;
   s.tiles = s.n * s.tiles_per_image;
-  // 64 consecutive pixels touch at most (63 / w_g) + 2 output rows; each
+  // 128 consecutive pixels touch at most (127 / w_g) + 2 output rows; each
   // needs the input rows under it and two more.
   s.rows = (kPixels - 1) / s.w_g + 4;
   s.plane_raw = s.rows * kRowW;
   const int plane_words = s.plane_raw + 2 * kRowW + 3;  // + the zero block
   s.plane_split = plane_words + ((4 - plane_words) % 32 + 32) % 32;
-  s.ring_floats = 2 * kGSlot + kCx * s.plane_raw;
+  s.stage_floats = kCo * kGStride + kCx * s.plane_raw;
   if (smem_bytes(s) > static_cast<size_t>(max_shared_memory_per_block(input.get_device()))) {
     return std::nullopt;
   }
@@ -590,14 +584,8 @@ std::pair<at::Tensor, at::Tensor> grad_moments(const at::Tensor& grad_out, const
   const bool vec4 = s.plane_g % 4 == 0 && s.w % 4 == 0 && aligned(g) && aligned(x);
   // Training needs sum X (the recentring delta) and G; the G warps compute both.
   const bool gram = training;
-  // Persistent: two blocks per multiprocessor where their shared memory fits
-  // (one's staging and barriers overlap the other's MMAs), else one.
-  const int per_sm = 2 * (smem_bytes(s) + 1024) <= static_cast<size_t>(
-                             max_shared_memory_per_multiprocessor(input.get_device()))
-                         ? 2
-                         : 1;
   const int grid = static_cast<int>(
-      std::clamp<int64_t>(s.tiles, 1, int64_t{per_sm} * multiprocessors(input.get_device())));
+      std::clamp<int64_t>(s.tiles, 1, multiprocessors(input.get_device())));  // 1 block per SM
   const auto f64 = input.options().dtype(at::kDouble);
   at::Tensor partials = at::empty({grid, kRecord}, f64);
   double* p = partials.mutable_data_ptr<double>();

@@ -56,11 +56,6 @@ int max_shared_memory_per_block(int device) {
   return cached_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device, cache);
 }
 
-int max_shared_memory_per_multiprocessor(int device) {
-  static int cache[64] = {0};
-  return cached_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device, cache);
-}
-
 std::optional<ConvShape> make_tile_shape(const at::Tensor& input, const at::Tensor& weight,
                                          at::IntArrayRef stride, at::IntArrayRef padding,
                                          at::IntArrayRef dilation, int64_t groups) {

@@ -28,9 +28,6 @@ constexpr int kMaxSmemBytes = 160 * 1024;
 int multiprocessors(int device);
 // The most shared memory one block of a kernel may opt in to on the device.
 int max_shared_memory_per_block(int device);
-// All the shared memory of one multiprocessor (its resident blocks share it;
-// each block also takes 1 KB reserved by the driver).
-int max_shared_memory_per_multiprocessor(int device);
 
 // n8 fragments per block: the block covers 8 * n_tiles_for(C_out) channels.
 inline int n_tiles_for(int64_t c_out) { return c_out <= 16 ? 2 : c_out <= 32 ? 4 : 8; }
