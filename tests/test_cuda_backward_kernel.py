@@ -236,6 +236,17 @@ def test_grad_input_dispatch(dtype, stride, padding, dilation, expected):
     assert got is expected
 
 
+def stride_one_args(shape, channels_last, padding, dilation):
+    """Arguments of the dispatch predicates for a stride-1 conv of shape (n, c_in, h, w, c_out,
+    k)."""
+    n, c_in, h, w, c_out, k = shape
+    x = torch.randn(n, c_in, h, w, device=CUDA)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, k, k, device=CUDA)
+    return (x, weight, [1, 1], [padding] * 2, [dilation] * 2, 1)
+
+
 @pytest.mark.parametrize(
     "shape,channels_last,padding,dilation,expected",
     [
@@ -251,15 +262,10 @@ def test_grad_input_dispatch(dtype, stride, padding, dilation, expected):
     ],
 )
 def test_grad_input_taps_dispatch(shape, channels_last, padding, dilation, expected):
-    n, c_in, h, w, c_out, k = shape
-    x = torch.randn(n, c_in, h, w, device=CUDA)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(c_out, c_in, k, k, device=CUDA)
-    args = (x, weight, [1, 1], [padding] * 2, [dilation] * 2, 1)
+    args = stride_one_args(shape, channels_last, padding, dilation)
     assert fused_conv._C.cuda_grad_input_taps_supports(*args) is expected
     # kConv covers the others but padding > dilation*(k-1)
-    covered = expected or padding <= dilation * (k - 1)
+    covered = expected or padding <= dilation * (shape[5] - 1)
     assert fused_conv._C.cuda_grad_input_tile_supports(*args) is covered
 
 
@@ -280,14 +286,10 @@ def test_grad_input_taps_dispatch(shape, channels_last, padding, dilation, expec
     ],
 )
 def test_grad_moments_dispatch(shape, channels_last, padding, dilation, expected):
-    n, c_in, h, w, c_out, k = shape
-    x = torch.randn(n, c_in, h, w, device=CUDA)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(c_out, c_in, k, k, device=CUDA)
-    args = (x, weight, [1, 1], [padding] * 2, [dilation] * 2, 1)
+    args = stride_one_args(shape, channels_last, padding, dilation)
     assert fused_conv._C.cuda_grad_moments_supports(*args) is expected
-    assert fused_conv._C.cuda_grad_moments_supports(x.half(), weight.half(), *args[2:]) is False
+    half = (args[0].half(), args[1].half(), *args[2:])
+    assert fused_conv._C.cuda_grad_moments_supports(*half) is False
 
 
 @pytest.mark.parametrize(
