@@ -121,8 +121,9 @@ SHAPES = [
     # row copies by the conv output's width; grad_input_taps_supports; NHWC takes kConv),
     # kConv over 8-channel slices of g_hat for the rest; others from cuDNN. float32 NCHW 3x3
     # stride-1 shapes with C_in <= 8, C_out <= 64 and padding <= 2 take the sums and the
-    # weight gradient from the patch moments instead (grad_moments_supports; kGradOut then
-    # writes g_hat for grad_input): 16-byte copies where the widths allow, else 4-byte.
+    # weight gradient from the patch moments instead (grad_moments_supports), and grad_input
+    # from the tap kernel on g plus the correction from x (g_hat never written): 16-byte
+    # copies where the widths allow, else 4-byte.
     (2, 8, 37, 45, 64, 3, 1, 1, 1),  # fused, 64-channel blocks
     (3, 3, 33, 31, 16, 3, 1, 0, 1),  # fused, 16-channel blocks
     (2, 5, 19, 70, 24, 5, 2, 2, 1),  # fused, 32-channel blocks
@@ -136,6 +137,8 @@ SHAPES = [
     (3, 3, 21, 69, 40, 3, 1, 0, 1),  # taps, 4-byte rows (67): padding 0, 3 slices, 8-ch. tail
     (2, 5, 14, 32, 20, 3, 1, 2, 1),  # taps, 8-byte rows (34): padding 2, 2 slices, 4-ch. tail
     (2, 6, 30, 28, 48, 3, 1, 0, 1),  # moments: 26-pixel rows (a tile spans 8 input rows)
+    (3, 1, 12, 40, 16, 3, 1, 1, 1),  # moments with C_in = 1 (7 zero input-channel planes)
+    (2, 3, 3, 30, 16, 3, 1, 0, 1),  # moments, 3 input rows: every row a border row
 ]
 
 
@@ -193,8 +196,20 @@ def test_backward_large_offset_input():
 @pytest.mark.parametrize(
     "c_in,c_out,kernels,tile_modes",
     [
-        # the patch moments give the sums and grad_weight; kGradOut writes g_hat for taps
-        (8, 64, ("grad_moments_kernel", "finalize_moments_kernel", "grad_input_taps_kernel"), 1),
+        # the patch moments give the sums and grad_weight; grad_input = the tap kernel on g
+        # (weights A*W) + the correction from x: no tile kernel, g_hat never written
+        (
+            8,
+            64,
+            (
+                "grad_moments_kernel",
+                "finalize_moments_kernel",
+                "grad_input_taps_kernel",
+                "grad_input_correction_kernel",
+                "grad_input_border_kernel",
+            ),
+            0,
+        ),
         # C_in > 8: kGradStats, then kGradOutW (g_hat and grad_weight); kConv for grad_input
         (9, 32, ("finalize_grad_kernel", "reduce_weight_grad_kernel"), 3),
     ],

@@ -37,6 +37,9 @@
 #include "kernels/common/bn_fold.h"
 #include "kernels/common/conv_bn_checks.h"
 #include "kernels/common/conv_call.h"
+#include "kernels/cuda/grad_coefficients.cuh"
+#include "kernels/cuda/grad_input_correction.h"
+#include "kernels/cuda/grad_input_taps.h"
 #include "kernels/cuda/grad_input_tile.h"
 #include "kernels/cuda/grad_moments.h"
 #include "kernels/cuda/tile_launch.cuh"
@@ -66,21 +69,8 @@ __global__ void finalize_grad_kernel(const float* __restrict__ partials, int gri
     sy += __shfl_down_sync(0xffffffffu, sy, offset);
   }
   if (lane != 0 || c >= c_out) return;
-  const double inv = invstd[c], kc = k[c];
-  double sgx = inv * sgy;  // sum(g * x_hat)
-  double a = kc, cy = 0, c1 = 0;
-  if (training) {
-    const double delta = inv * sy / count;
-    sgx -= delta * sg;
-    const double proj = sgx / count;
-    cy = -kc * inv * proj;
-    c1 = kc * (delta * proj - sg / count);
-  }
-  rows[kSumG * c_out + c] = static_cast<float>(sg);
-  rows[kSumGXhat * c_out + c] = static_cast<float>(sgx);
-  rows[kCoefG * c_out + c] = static_cast<float>(a);
-  rows[kCoefY * c_out + c] = static_cast<float>(cy);
-  rows[kCoef1 * c_out + c] = static_cast<float>(c1);
+  store_grad_rows(rows, c_out, c, sg,
+                  grad_coefficients(sg, sgy, sy, invstd[c], k[c], count, training));
 }
 
 // grad_weight[co][ci][r] = sum over the blocks (in order, float64) of the kGradOutW
@@ -184,13 +174,21 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
       terms.coef_1 = rows[kCoef1].const_data_ptr<float>();
       const bool fuse_weight_grad =
           input_weight_mask[1] && weight_grad_fusable(s, input.scalar_type());
-      at::Tensor g_hat;  // stays undefined when only the fused weight gradient needs it
-      if (input_weight_mask[0] || (!fuse_weight_grad && !moments)) {
+      // With the moments and the tap kernel, grad_input comes from g and x
+      // (grad_input_correction.h): g_hat is never written.
+      const bool g_hat_free =
+          moments && grad_input_taps_supports(input, weight, stride, padding, dilation, 1);
+      at::Tensor g_hat;  // stays undefined when no kernel reads it
+      if ((input_weight_mask[0] && !g_hat_free) || (!fuse_weight_grad && !moments)) {
         g_hat = at::empty({s.n, s.c_out, s.h_out, s.w_out}, input.options().memory_format(format));
       }
       if (moments) {
         if (input_weight_mask[1]) grad_weight = moments_grad_weight.to(weight.scalar_type());
-        if (input_weight_mask[0]) {
+        if (input_weight_mask[0] && g_hat_free) {
+          const at::Tensor weight_a = w.to(at::kFloat) * per_out_channel_view(rows[kCoefG]);
+          grad_input = grad_input_taps(grad, x, weight_a, padding);
+          add_grad_input_correction(grad_input, x, w, rows, center, padding);
+        } else if (input_weight_mask[0]) {
           run_tile_kernel<TileMode::kGradOut>(s, x, w, BnFold{}, terms, g_hat, nullptr);
           grad_input = conv_grads(g_hat, weight, {true, false}).first;
         }

@@ -48,6 +48,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "kernels/cuda/grad_coefficients.cuh"
 #include "kernels/cuda/tf32_mma.cuh"
 #include "kernels/cuda/tile_launch.cuh"
 
@@ -173,24 +174,14 @@ constexpr int tap_offset(int tap) { return (tap / 3) * kRowW + tap % 3; }
 // Warps w and w + 4 share a scheduler: 27 + 21 or 27 + 18 MMAs per k-step.
 constexpr int kGFragCount[5] = {0, 7, 6, 6, 6};
 constexpr int kFirstTap[5] = {0, 0, 0, 2, 4};  // taps a role loads: kFirstTap..8
-// Fragment f's row tap a and column tap b, one hexadecimal digit per fragment
-// (f = 0 lowest): rows {0 x7}, {0,0,2,2,2,2}, {2,2,2,4,4,4}, {4,4,6,6,6,8};
-// columns {0..6}, {7,8,2,3,4,5}, {6,7,8,4,5,6}, {7,8,6,7,8,8}.
-__host__ __device__ constexpr int g_frag_row(int role, int f) {
-  return static_cast<int>(((role == 2   ? 0x222200u
-                            : role == 3 ? 0x444222u
-                            : role == 4 ? 0x866644u
-                                        : 0u) >>
-                           (4 * f)) &
-                          15u);
-}
-__host__ __device__ constexpr int g_frag_col(int role, int f) {
-  return static_cast<int>(((role == 1   ? 0x6543210u
-                            : role == 2 ? 0x543287u
-                            : role == 3 ? 0x654876u
-                                        : 0x887687u) >>
-                           (4 * f)) &
-                          15u);
+// Fragment f's row tap a (column = false) or column tap b (column = true), one
+// hexadecimal digit per fragment (f = 0 lowest): rows {0 x7}, {0,0,2,2,2,2},
+// {2,2,2,4,4,4}, {4,4,6,6,6,8}; columns {0..6}, {7,8,2,3,4,5}, {6,7,8,4,5,6},
+// {7,8,6,7,8,8}.
+__host__ __device__ constexpr int g_frag_tap(int role, int f, bool column) {
+  constexpr unsigned kRows[5] = {0u, 0u, 0x222200u, 0x444222u, 0x866644u};
+  constexpr unsigned kCols[5] = {0u, 0x6543210u, 0x543287u, 0x654876u, 0x887687u};
+  return static_cast<int>(((column ? kCols[role] : kRows[role]) >> (4 * f)) & 15u);
 }
 
 // The persistent loop of one warp (all warps run it, with their role's
@@ -287,7 +278,7 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
             uint32_t ab[kFrags][4], as[kFrags][4];
 #pragma unroll
             for (int f = 0; f < kFrags; ++f) {
-              const int a = g_frag_row(kRole, f);
+              const int a = g_frag_tap(kRole, f, false);
               const int a1 = a + 1 < kTaps ? a + 1 : a;
               const bool pair = a + 1 < kTaps;
               ab[f][0] = bits(xv[a][0]);
@@ -301,17 +292,17 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
             }
 #pragma unroll
             for (int f = 0; f < kFrags; ++f) {
-              const int b = g_frag_col(kRole, f);
+              const int b = g_frag_tap(kRole, f, true);
               mma_tf32(acc[f], as[f], bits(xv[b][0]), bits(xv[b][1]));
             }
 #pragma unroll
             for (int f = 0; f < kFrags; ++f) {
-              const int b = g_frag_col(kRole, f);
+              const int b = g_frag_tap(kRole, f, true);
               mma_tf32(acc[f], ab[f], bits(xw[b][0]), bits(xw[b][1]));
             }
 #pragma unroll
             for (int f = 0; f < kFrags; ++f) {
-              const int b = g_frag_col(kRole, f);
+              const int b = g_frag_tap(kRole, f, true);
               mma_tf32(acc[f], ab[f], bits(xv[b][0]), bits(xv[b][1]));
             }
           }
@@ -354,7 +345,7 @@ __device__ void moments_loop(const float* __restrict__ g, const float* __restric
   } else {
 #pragma unroll
     for (int f = 0; f < kFrags; ++f) {
-      const int a = g_frag_row(kRole, f), b = g_frag_col(kRole, f);
+      const int a = g_frag_tap(kRole, f, false), b = g_frag_tap(kRole, f, true);
       const int row = fg * kTaps + a, col = (2 * ft) * kTaps + b;
       rec[kRecG + row * kK + col] = run[f][0];
       rec[kRecG + row * kK + col + kTaps] = run[f][1];
@@ -464,27 +455,14 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     const double ctr = center[c] - red[2][0];  // y - ctr = W . X~ - ctr'
     const double sgy = red[0][0] - ctr * sg;   // sum g*(y - ctr)
     const double sy = red[1][0] - count * ctr;  // sum (y - ctr)
-    const double inv = invstd[c], kc = k[c];
-    double sgx = inv * sgy;  // sum(g * x_hat)
-    double a = kc, cy = 0, c1 = 0;
-    if (training) {
-      const double delta = inv * sy / count;
-      sgx -= delta * sg;
-      const double proj = sgx / count;
-      cy = -kc * inv * proj;
-      c1 = kc * (delta * proj - sg / count);
-    }
-    const int64_t c_out = gridDim.x;
-    rows[kSumG * c_out + c] = static_cast<float>(sg);
-    rows[kSumGXhat * c_out + c] = static_cast<float>(sgx);
-    rows[kCoefG * c_out + c] = static_cast<float>(a);
-    rows[kCoefY * c_out + c] = static_cast<float>(cy);
-    rows[kCoef1 * c_out + c] = static_cast<float>(c1);
-    coef[0] = a;
-    coef[1] = cy;
-    coef[2] = c1;
+    const GradCoefficients coefs =
+        grad_coefficients(sg, sgy, sy, invstd[c], k[c], count, training);
+    store_grad_rows(rows, gridDim.x, c, sg, coefs);
+    coef[0] = coefs.a;
+    coef[1] = coefs.cy;
+    coef[2] = coefs.c1;
     coef[3] = ctr;
-    coef[4] = a * sg + cy * sy + c1 * count;  // sum g_hat
+    coef[4] = coefs.a * sg + coefs.cy * sy + coefs.c1 * count;  // sum g_hat
   }
   __syncthreads();
   if (grad_weight == nullptr || !live) return;

@@ -9,11 +9,6 @@
 
 namespace fused_conv::cuda {
 
-// Rows of the [kGradRows, C_out] float32 result of the backward's first step
-// (grad_moments here, finalize_grad_kernel in conv_bn_backward.cu): sum g,
-// sum g*x_hat, and A, C, D of g_hat = A*g + C*(y - ctr) + D.
-enum GradRow : int { kSumG, kSumGXhat, kCoefG, kCoefY, kCoef1, kGradRows };
-
 // True when grad_moments covers the configuration: float32 NCHW, 3x3, stride 1,
 // dilation 1, groups 1, padding 0..2, C_in <= 8, C_out <= 64, per-image sizes
 // below 2^31 elements, and a few input rows of every channel fit in shared
@@ -28,7 +23,7 @@ bool grad_moments_supports(const at::Tensor& input, const at::Tensor& weight,
 // (in training) sum X and sum X X^T, reduced in float64 in a fixed order. From
 // them, with the saved statistics (center = mean - conv bias, invstd) and
 // k = scale*gamma*invstd per channel:
-//   first  = the [kGradRows, C_out] rows above;
+//   first  = the [kGradRows, C_out] float32 rows of grad_coefficients.cuh;
 //   second = grad_weight (float32, the weight's shape) if want_weight_grad,
 //            else undefined.
 // On the current stream; requires grad_moments_supports.
