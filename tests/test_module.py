@@ -244,3 +244,32 @@ def test_inference_mode(mode, device):
         expected = case.ref(ref_input(x))
     assert_close_ref(out, expected, torch.float32, "output under inference_mode")
     assert_stats_match(case.fused.bn, case.ref.bn, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("mode", ["no_grad", "frozen", "grad"])
+def test_graph_recorded_exactly_when_needed(device, training, mode):
+    # fused_conv.ops calls the ops below torch.library's autograd wrapper when the wrapper
+    # would record nothing (grad mode off, or no argument requiring grad): the outputs are
+    # the same either way, and a graph exists exactly when a gradient can flow.
+    seed = seed_of("graph", device, training, mode)
+    fused = _randomized(ConvBNScale2d(3, 5, 3, padding=1, scaling_factor=1.5), seed).to(device)
+    fused.train(training)
+    ref = make_reference(fused.conv, fused.bn, 1.5)
+    if mode == "frozen":
+        fused.requires_grad_(False)
+    x = torch.rand(2, 3, 9, 11, generator=torch.Generator().manual_seed(seed)).to(device)
+    x.requires_grad_(mode != "frozen")
+    if mode == "no_grad":
+        with torch.no_grad():
+            out = fused(x)
+    else:
+        out = fused(x)
+    assert out.requires_grad == (mode == "grad")
+    assert (out.grad_fn is not None) == (mode == "grad")
+    with torch.no_grad():
+        want = ref(ref_input(x))
+    assert_close_ref(out, want, torch.float32)
+    if training:  # the running statistics are updated on every path
+        assert_stats_match(fused.bn, ref.bn, torch.float32)
