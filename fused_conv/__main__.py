@@ -1,4 +1,4 @@
-"""`python -m fused_conv info | demo | bench [args]`."""
+"""`python -m fused_conv info | demo | bench [args] | profile [args]`."""
 
 from __future__ import annotations
 
@@ -90,11 +90,16 @@ def main(argv=None) -> int:
     demo.add_argument("--iters", type=int, default=None)
     demo.add_argument("--full", action="store_true", help="full batch on CPU too")
     sub.add_parser("bench", help="the benchmark (see benchmarks/README.md)", add_help=False)
+    sub.add_parser("profile", help="device time per kernel of one call", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from fused_conv.bench import main as bench_main
 
         return bench_main(rest) or 0
+    if args.command == "profile":
+        from fused_conv.profile import main as profile_main
+
+        return profile_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return {"info": _info, "demo": _demo}[args.command](args)

@@ -96,3 +96,24 @@ def test_public_api():
 
     for name in ("Model", "ModelNew", "get_inputs", "get_init_inputs"):
         assert hasattr(kernelbench, name), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cli_profile(tmp_path, device):
+    # `python -m fused_conv profile`: per-kernel (CUDA) or per-op (CPU) self time of a
+    # training step of the reference case (the benchmark's smoke shape on CPU).
+    path = tmp_path / "profile.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fused_conv", "profile", "--device", device, "--steps", "2",
+         "--warmup", "1", "--json", str(path)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(path.read_text())
+    assert record["case"] == "ref" and record["mode"] == "train_step"
+    rows = record["rows_ms"]
+    assert rows and all(ms > 0 for ms in rows.values())
+    assert abs(sum(rows.values()) - record["total_ms"]) <= 1e-6 * record["total_ms"]
+    # the fused ops (CPU) or kernels (CUDA) are among what the step spent its time on
+    assert any("fused_conv" in name for name in rows), sorted(rows)[:20]
+    assert f"{record['total_ms']:.3f} ms" in proc.stdout
