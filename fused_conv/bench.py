@@ -561,24 +561,31 @@ def peak_memory_mib(prep: _Prepared, result: dict, device: torch.device) -> floa
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def run_row(spec: RowSpec, args, device: torch.device) -> dict:
-    case, mode = spec.case, spec.mode
-    dtype = DTYPES[spec.dtype]
-    row: dict = {
-        "case": case.name, "group": case.group, "shape": case.shape, "mode": mode,
-        "dtype": spec.dtype, "layout": spec.layout, "results": {}, "notes": [],
-    }  # fmt: skip
+def row_inputs(spec: RowSpec, device: torch.device):
+    """(conv, bn, x, grad_out) of a row: the case's conv and input in the row's dtype and layout
+    (BN stays fp32, as AMP), and for train_step a fixed grad_out (else None)."""
+    case, dtype = spec.case, DTYPES[spec.dtype]
     conv, bn, x32 = make_base(case, device)
     fmt = _memory_format(spec.layout)
-    conv_d = copy.deepcopy(conv).to(dtype).to(memory_format=fmt)  # BN stays fp32 (as AMP)
+    conv_d = copy.deepcopy(conv).to(dtype).to(memory_format=fmt)
     x = x32.to(dtype).contiguous(memory_format=fmt)
     del x32
     grad_out = None
-    if mode == "train_step":
+    if spec.mode == "train_step":
         gen = torch.Generator(device=device).manual_seed(_seed(case, "grad"))
         shape = (case.n, case.cout, case.hout, case.wout)
         grad_out = torch.randn(shape, generator=gen, device=device).to(dtype)
         grad_out = grad_out.contiguous(memory_format=fmt)
+    return conv_d, bn, x, grad_out
+
+
+def run_row(spec: RowSpec, args, device: torch.device) -> dict:
+    case, mode = spec.case, spec.mode
+    row: dict = {
+        "case": case.name, "group": case.group, "shape": case.shape, "mode": mode,
+        "dtype": spec.dtype, "layout": spec.layout, "results": {}, "notes": [],
+    }  # fmt: skip
+    conv_d, bn, x, grad_out = row_inputs(spec, device)
     ref = reference(case, mode, conv_d, bn, x, grad_out)
 
     prepared: dict[str, _Prepared] = {}
@@ -637,7 +644,7 @@ def run_row(spec: RowSpec, args, device: torch.device) -> dict:
                     row["fatal"] = f"CUDA context unusable after graph capture of {name}: {broken}"
                     break
     prepared.clear()
-    row["floor_bytes"] = floor_bytes(case, dtype, mode)
+    row["floor_bytes"] = floor_bytes(case, DTYPES[spec.dtype], mode)
     return row
 
 

@@ -12,13 +12,12 @@ and their sum (the GPU time of one call; launch gaps are not in it). Without CUD
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .bench import DTYPES, MODES, _memory_format, _seed, make_base, make_cases
+from .bench import DTYPES, MODES, RowSpec, make_cases, prepare, row_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,36 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _call(case, mode: str, dtype: torch.dtype, layout: str, device: torch.device):
-    """One call of the fused module as the benchmark's `fused` contender makes it."""
-    from fused_conv import ConvBNScale2d
+def _call(spec: RowSpec, device: torch.device):
+    """What the benchmark times for its `fused` contender in this row (under no_grad but for
+    train_step, as there)."""
+    conv, bn, x, grad_out = row_inputs(spec, device)
+    fn = prepare("fused", spec, conv, bn, x, grad_out, {}).fn
+    if spec.mode == "train_step":
+        return fn
 
-    conv, bn, x32 = make_base(case, device)
-    fmt = _memory_format(layout)
-    conv = copy.deepcopy(conv).to(dtype).to(memory_format=fmt)  # BN stays fp32 (as AMP)
-    x = x32.to(dtype).contiguous(memory_format=fmt)
-    module = ConvBNScale2d.from_modules(conv, bn, case.scale)
-    module.train(mode != "eval")
-    if mode != "train_step":
+    def forward():
+        with torch.no_grad():
+            fn()
 
-        def forward():
-            with torch.no_grad():
-                module(x)
-
-        return forward
-    gen = torch.Generator(device=device).manual_seed(_seed(case, "grad"))
-    grad_out = torch.randn((case.n, case.cout, case.hout, case.wout), generator=gen, device=device)
-    grad_out = grad_out.to(dtype).contiguous(memory_format=fmt)
-    xg = x.detach().clone().requires_grad_(True)
-    params = list(module.parameters())
-
-    def step():
-        for p in params:
-            p.grad = None
-        xg.grad = None
-        module(xg).backward(grad_out)
-
-    return step
+    return forward
 
 
 def kernel_times(fn, device: torch.device, steps: int, warmup: int) -> dict[str, float]:
@@ -108,7 +90,7 @@ def main(argv=None) -> int:
         )
     case = cases[args.case]
     torch.backends.cudnn.allow_tf32 = False  # as the benchmark's fp32 rows
-    fn = _call(case, args.mode, DTYPES[args.dtype], args.layout, device)
+    fn = _call(RowSpec(case, args.mode, args.dtype, args.layout), device)
     rows = kernel_times(fn, device, args.steps, args.warmup)
     total = sum(rows.values())
     what = "GPU" if device.type == "cuda" else "CPU (self, ops)"
