@@ -354,3 +354,14 @@ def test_bfloat16_weight_gradient_does_not_drift_with_the_batch():
     err = ((got["weight"].double() - want["weight"]).norm() / want["weight"].norm()).item()
     print("bf16 grad_weight relative error", err)
     assert err <= 1e-2, f"grad weight: relative error {err:.2e}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_launch_on_a_second_device():
+    # A kernel's opt-in to more than 48 KB of shared memory (cudaFuncSetAttribute) holds for
+    # one device's context only: the forward tile kernel, the patch moments and the tap
+    # kernel must launch on whichever device comes second, and again on the first.
+    for index in (1, 0, 1):
+        with torch.cuda.device(index):
+            check_backward(SHAPES[0], dtype=torch.float32, channels_last=False, training=True,
+                           seed=index)  # fmt: skip

@@ -8,15 +8,15 @@
 // exists. Away from the border every t is valid and the double sum collapses
 // to a 5x5 convolution with K[ci'][d][ci] = sum_{t' - t = d} V[(ci,t)][(ci',t')]
 // (200 products per output channel instead of 648); a border pixel subtracts
-// the invalid taps' terms from that. Float32 FMAs: x~ is centred by the
-// shift, V and e are rounded from float64 once.
+// the invalid taps' terms from that. x~ is centred by the shift; V, e and K
+// are rounded from float64 once.
 //
 // Kernels: one block per input channel forms V, e, K and the shifts in
 // float64 (correction_terms_kernel); a persistent grid adds the collapsed
-// convolution and e for all taps to every pixel, 4 pixels x 8 channels per
-// thread (grad_input_correction_kernel); a thread per border pixel then backs
-// out the taps that fall outside the output (grad_input_border_kernel), so the
-// main kernel has no border branches.
+// convolution (tensor cores, 3xTF32) and e for all taps to every pixel
+// (grad_input_correction_kernel); a thread per border pixel then backs out
+// the taps that fall outside the output (grad_input_border_kernel, float32
+// FMAs), so the main kernel has no border branches.
 #include "kernels/cuda/grad_input_correction.h"
 
 #include <ATen/ATen.h>
@@ -40,15 +40,25 @@ constexpr int kMaxCg = 64;  // output channels (grad_moments_supports: C_out <= 
 constexpr int kTaps = 9;
 constexpr int kK = kCx * kTaps;  // k = ci*9 + t
 constexpr int kOffsets = 25;     // d = (dr, dq) in [-2, 2]^2, d = (dr + 2)*5 + dq + 2
-constexpr int kRows = 6;         // output rows per tile: one warp each
-constexpr int kPix = 4;          // consecutive pixels of a row per thread
-constexpr int kCols = 32 * kPix;
-constexpr int kBlockThreads = 32 * kRows;
-// x~ on the tile's halo: 2 pixels each side; the row length keeps each thread's
-// 8-pixel window 16-byte aligned (two float4 reads).
-constexpr int kHaloRows = kRows + 4, kHaloCols = kCols + 4;
-constexpr int kPlane = kHaloRows * kHaloCols;
-static_assert(kHaloCols % 4 == 0 && kPlane % 4 == 0, "float4 windows");
+// The collapsed convolution on tensor cores: per offset d one m16n8k8 k-step
+// (K = the 8 input channels ci', N = the 8 output channels ci).
+constexpr int kWarps = 8;  // a warp per input row of the tile
+constexpr int kRows = kWarps;
+constexpr int kMTiles = 4;  // m16 tiles per warp: 64 consecutive pixels of its row
+constexpr int kCols = 16 * kMTiles;
+constexpr int kBlockThreads = 32 * kWarps;
+// x~ on the tile's halo, [ci'][row][col]: 2 rows above and below, 4 columns
+// left (16-byte copies stay aligned) and 4 right. The plane stride is 24 mod
+// 32 words, so an A fragment's lanes (pixel g, channel t) read banks
+// g + 24 t + const: all distinct.
+constexpr int kHaloLeft = 4;
+constexpr int kHaloRows = kRows + 4, kHaloCols = kCols + 2 * kHaloLeft;
+constexpr int kPlane = kHaloRows * kHaloCols + (24 - kHaloRows * kHaloCols % 32 + 32) % 32;
+static_assert(kPlane % 32 == 24 && kPlane >= kHaloRows * kHaloCols, "conflict-free A reads");
+static_assert(kPlane % 4 == 0 && kHaloCols % 4 == 0, "16-byte aligned halo rows");
+// Dynamic shared memory of the main kernel: the split K, then two x~ stages.
+constexpr size_t kCorrectionSmem =
+    sizeof(uint4) * kOffsets * 32 + sizeof(float) * 2 * kCx * kPlane;
 // The terms buffer: V as [t][(ci', t')][ci] and e as [t][ci] (the border
 // kernel reads 8 ci as two float4), e summed over the taps [ci], shift [ci'],
 // K [ci'][d][ci] (8 x 25 x 8).
@@ -68,7 +78,6 @@ struct CorrectionShape {
   // grad_input_border_kernel's runs per image: runs_w per border row, runs_h
   // per side column.
   int runs_w, runs_h, runs;
-  bool vector;  // grad_input rows are float4-aligned (width % 4 == 0, aligned base)
 };
 
 // V, e, K and the shifts in float64, one block per input channel ci (rows
@@ -141,108 +150,172 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Every tap counted valid: R += K * x~ + sum_t e. A persistent grid of
-// 6-warp blocks; a tile is 6 input rows x 128 columns of one image, a warp one
-// row, a thread 4 consecutive pixels x 8 input channels (32 accumulators, so
-// each pair of broadcast float4 reads of K feeds 32 FMAs). x~ is staged on the
-// tile's 10 x 132 halo (x - shift inside the image, -shift outside: the zero
-// padding of x). Read-modify-write of grad_input, no atomics.
-__global__ void __launch_bounds__(kBlockThreads)
+// Every tap counted valid: R += K * x~ + sum_t e, as an implicit GEMM on
+// tensor cores (3xTF32): M = pixels, N = the 8 output channels, K = 25 offsets
+// x 8 input channels, one k-step per offset d = (dr, dq), whose A fragment is
+// x~ read at the pixel + d (no im2col). A persistent grid of 8-warp blocks; a
+// tile is 8 input rows x 64 columns of one image, a warp one row (4 m16
+// tiles). K is split into TF32 big/small once per block and kept in fragment
+// order (a uint4 per lane and offset). x~ is staged on the tile's 12 x 72 halo
+// (columns from 4 left of the tile, so that 16-byte copies stay aligned; x -
+// shift inside the image, -shift outside: the zero padding of x) in a 2-deep
+// ring: the next tile's copies fly while this tile computes. Each lane loads
+// its grad_input values into the running sums before the MMAs, so the
+// read-modify-write's loads are in flight under them (ncu, one buffer and the
+// loads after the MMAs: 60% of the samples in the staging and the epilogue).
+// Accumulators restart every 5 k-steps (one dr) and are added into running
+// float32 sums: tensor-core accumulation truncates. No atomics.
+template <int kVec>
+__device__ __forceinline__ void stage_halo(const float* __restrict__ x, const CorrectionShape& s,
+                                           int64_t tile, float* xs) {
+  const int64_t rows_done = tile / s.tiles_w;
+  const int iw0 = static_cast<int>(tile - rows_done * s.tiles_w) * kCols;
+  const int64_t n = rows_done / s.tiles_h;
+  const int ih0 = static_cast<int>(rows_done - n * s.tiles_h) * kRows;
+  const int64_t plane = static_cast<int64_t>(s.h) * s.w;
+  const float* xn = x + n * s.c_x * plane;
+  constexpr int kRowVecs = kHaloCols / kVec;
+  for (int i = threadIdx.x; i < s.c_x * kHaloRows * kRowVecs; i += kBlockThreads) {
+    const int row = i / kRowVecs, cc = (i - row * kRowVecs) * kVec;
+    const int ci = row / kHaloRows, rr = row - ci * kHaloRows;
+    const int ih = ih0 - 2 + rr, iw = iw0 - kHaloLeft + cc;
+    // w % kVec == 0 and iw0 % 4 == 0: a vector is all inside or all outside.
+    const bool inside = ih >= 0 && ih < s.h && iw >= 0 && iw < s.w;
+    const float* src = inside ? xn + ci * plane + static_cast<int64_t>(ih) * s.w + iw : xn;
+    cp_async_vec<kVec>(xs + ci * kPlane + rr * kHaloCols + cc, src, inside);
+  }
+  cp_async_commit();
+}
+
+// After this thread's copies landed: x~ = staged - shift on the elements it
+// copied itself (the same index walk as stage_halo), so no barrier is needed
+// between the copies and the subtraction.
+template <int kVec>
+__device__ __forceinline__ void subtract_shift(const CorrectionShape& s, const float* shift,
+                                               float* xs) {
+  constexpr int kRowVecs = kHaloCols / kVec;
+  for (int i = threadIdx.x; i < s.c_x * kHaloRows * kRowVecs; i += kBlockThreads) {
+    const int row = i / kRowVecs, ci = row / kHaloRows;
+    float* v = xs + ci * kPlane + (row - ci * kHaloRows) * kHaloCols + (i - row * kRowVecs) * kVec;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) v[j] -= shift[ci];
+  }
+}
+
+template <int kVec>
+__global__ void __launch_bounds__(kBlockThreads, 3)
     grad_input_correction_kernel(const float* __restrict__ x, const float* __restrict__ terms,
                                  float* __restrict__ grad_input, CorrectionShape s) {
-  __shared__ __align__(16) float xs[kCx * kPlane];              // [ci'][row][col]
-  __shared__ __align__(16) float k5[kCx * kOffsets * kCx];      // [ci'][d][ci]
+  extern __shared__ uint4 smem_u4[];
+  uint4* kb = smem_u4;  // [d][lane]: (big b0, big b1, small b0, small b1)
+  float* ring = reinterpret_cast<float*>(kb + kOffsets * 32);  // 2 x [ci'][row][col]
   __shared__ float e_all[kCx];
   __shared__ float shift[kCx];
-  for (int i = threadIdx.x; i < kCx * kOffsets * kCx; i += kBlockThreads) {
-    k5[i] = terms[kTermK5 + i];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  for (int i = threadIdx.x; i < kOffsets * 32; i += kBlockThreads) {
+    // b0 = B[k = t][n = g] = K[ci' = t][d][ci = g], b1 = K[t + 4][d][g]
+    const int d = i / 32, gg = (i % 32) / 4, tt = i % 4;
+    uint32_t big0, small0, big1, small1;
+    split_tf32(terms[kTermK5 + (tt * kOffsets + d) * kCx + gg], big0, small0);
+    split_tf32(terms[kTermK5 + ((tt + 4) * kOffsets + d) * kCx + gg], big1, small1);
+    kb[i] = make_uint4(big0, big1, small0, small1);
   }
   if (threadIdx.x < kCx) {
     e_all[threadIdx.x] = terms[kTermEAll + threadIdx.x];
     shift[threadIdx.x] = terms[kTermShift + threadIdx.x];
   }
+  // Planes past C_in stay zero in both stages (their K rows are zero; 0 *
+  // garbage may be NaN).
+  for (int i = threadIdx.x; i < 2 * kCx * kPlane; i += kBlockThreads) {
+    if ((i % (kCx * kPlane)) >= s.c_x * kPlane) ring[i] = 0.f;
+  }
   __syncthreads();
 
-  const int r = threadIdx.x / 32, c0 = (threadIdx.x % 32) * kPix;
   const int64_t plane = static_cast<int64_t>(s.h) * s.w;
-  for (int64_t tile = blockIdx.x; tile < s.tiles; tile += gridDim.x) {
+  if (blockIdx.x < s.tiles) stage_halo<kVec>(x, s, blockIdx.x, ring);
+  int64_t iter = 0;
+  for (int64_t tile = blockIdx.x; tile < s.tiles; tile += gridDim.x, ++iter) {
+    float* xs = ring + (iter % 2) * (kCx * kPlane);
+    cp_async_wait<0>();
+    subtract_shift<kVec>(s, shift, xs);
+    // This tile's x~ is complete, and every warp is done with the other stage.
+    __syncthreads();
+    if (tile + gridDim.x < s.tiles) {
+      stage_halo<kVec>(x, s, tile + gridDim.x, ring + ((iter + 1) % 2) * (kCx * kPlane));
+    }
     const int64_t rows_done = tile / s.tiles_w;
     const int iw0 = static_cast<int>(tile - rows_done * s.tiles_w) * kCols;
     const int64_t n = rows_done / s.tiles_h;
-    const int ih0 = static_cast<int>(rows_done - n * s.tiles_h) * kRows;
-    const float* xn = x + n * s.c_x * plane;
-    // A warp per halo row (channel ci, row rr), its lanes along the row:
-    // asynchronous copies (zero outside the image), so that a thread's ~70
-    // loads are in flight together; then each thread subtracts the shift from
-    // its own elements.
-    for (int row = r; row < s.c_x * kHaloRows; row += kRows) {
-      const int ci = row / kHaloRows, ih = ih0 - 2 + row % kHaloRows;
-      const bool row_inside = ih >= 0 && ih < s.h;
-      const float* src = xn + ci * plane + static_cast<int64_t>(ih) * s.w;
-      for (int cc = threadIdx.x % 32; cc < kHaloCols; cc += 32) {
-        const int iw = iw0 - 2 + cc;
-        const bool inside = row_inside && iw >= 0 && iw < s.w;
-        cp_async_f32(xs + row * kHaloCols + cc, inside ? src + iw : xn, inside);
+    const int ih = static_cast<int>(rows_done - n * s.tiles_h) * kRows + warp;
+    if (ih >= s.h) continue;  // warp-uniform
+    float* out = grad_input + n * s.c_x * plane + static_cast<int64_t>(ih) * s.w;
+    const int ci0 = 2 * t, ci1 = 2 * t + 1;
+    // d0..d3: (pixel g, ci 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1);
+    // started at grad_input + sum_t e.
+    float run[kMTiles][4];
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int iw = iw0 + 16 * m + g + 8 * half;
+        const bool in = iw < s.w;
+        run[m][2 * half] = e_all[ci0] + (in && ci0 < s.c_x ? out[ci0 * plane + iw] : 0.f);
+        run[m][2 * half + 1] = e_all[ci1] + (in && ci1 < s.c_x ? out[ci1 * plane + iw] : 0.f);
       }
     }
-    cp_async_commit();
-    cp_async_wait<0>();
-    for (int row = r; row < s.c_x * kHaloRows; row += kRows) {
-      const float sh = shift[row / kHaloRows];
-      for (int cc = threadIdx.x % 32; cc < kHaloCols; cc += 32) xs[row * kHaloCols + cc] -= sh;
-    }
-    __syncthreads();
-    const int ih = ih0 + r, iw = iw0 + c0;
-    if (ih < s.h && iw < s.w) {
-      float acc[kPix][kCx];
+    // a0 = A[g][t] = x~[ci' = t] at pixel g + d; a1: pixel g + 8; a2, a3: ci' = t + 4
+    const float* xw = xs + t * kPlane + warp * kHaloCols + (kHaloLeft - 2) + g;
+#pragma unroll 1
+    for (int dr = 0; dr < 5; ++dr) {
+      float acc[kMTiles][4] = {};
 #pragma unroll
-      for (int j = 0; j < kPix; ++j) {
+      for (int dq = 0; dq < 5; ++dq) {
+        const uint4 b = kb[(dr * 5 + dq) * 32 + lane];
 #pragma unroll
-        for (int ci = 0; ci < kCx; ++ci) acc[j][ci] = e_all[ci];
-      }
-      for (int ci2 = 0; ci2 < s.c_x; ++ci2) {
-#pragma unroll
-        for (int dr = 0; dr < 5; ++dr) {
-          // the window x~[ci'][ih + dr - 2][iw - 2 .. iw + 5]
-          const float* xp = xs + ci2 * kPlane + (r + dr) * kHaloCols + c0;
-          const float4 lo = *reinterpret_cast<const float4*>(xp);
-          const float4 hi = *reinterpret_cast<const float4*>(xp + 4);
-          const float xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-          for (int dq = 0; dq < 5; ++dq) {
-            const float* kp = k5 + (ci2 * kOffsets + dr * 5 + dq) * kCx;
-            const float4 ka = *reinterpret_cast<const float4*>(kp);
-            const float4 kb = *reinterpret_cast<const float4*>(kp + 4);
-            const float kv[kCx] = {ka.x, ka.y, ka.z, ka.w, kb.x, kb.y, kb.z, kb.w};
-#pragma unroll
-            for (int j = 0; j < kPix; ++j) {
-#pragma unroll
-              for (int ci = 0; ci < kCx; ++ci) acc[j][ci] = fmaf(kv[ci], xv[j + dq], acc[j][ci]);
-            }
-          }
+        for (int m = 0; m < kMTiles; ++m) {
+          const float* p = xw + dr * kHaloCols + 16 * m + dq;
+          uint32_t a_big[4], a_small[4];
+          split_tf32(p[0], a_big[0], a_small[0]);
+          split_tf32(p[8], a_big[1], a_small[1]);
+          split_tf32(p[4 * kPlane], a_big[2], a_small[2]);
+          split_tf32(p[4 * kPlane + 8], a_big[3], a_small[3]);
+          mma_tf32(acc[m], a_big, b.z, b.w);    // big x small
+          mma_tf32(acc[m], a_small, b.x, b.y);  // small x big
+          mma_tf32(acc[m], a_big, b.x, b.y);    // big x big
         }
       }
-      float* out = grad_input + n * s.c_x * plane + static_cast<int64_t>(ih) * s.w + iw;
 #pragma unroll
-      for (int ci = 0; ci < kCx; ++ci) {
-        if (ci >= s.c_x) break;
-        float* o = out + ci * plane;
-        if (s.vector) {  // iw < w then means all 4 pixels are inside
-          float4 v = *reinterpret_cast<float4*>(o);
-          v.x += acc[0][ci];
-          v.y += acc[1][ci];
-          v.z += acc[2][ci];
-          v.w += acc[3][ci];
-          *reinterpret_cast<float4*>(o) = v;
-        } else {
+      for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
-          for (int j = 0; j < kPix; ++j) {
-            if (iw + j < s.w) o[j] += acc[j][ci];
-          }
-        }
+        for (int i = 0; i < 4; ++i) run[m][i] += acc[m][i];
       }
     }
-    __syncthreads();  // xs is restaged for the next tile
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int iw = iw0 + 16 * m + g + 8 * half;
+        if (iw >= s.w) continue;
+        if (ci0 < s.c_x) out[ci0 * plane + iw] = run[m][2 * half];
+        if (ci1 < s.c_x) out[ci1 * plane + iw] = run[m][2 * half + 1];
+      }
+    }
+  }
+}
+
+// x~ on a border run's box of kRowsBox x kColsBox pixels from (h0, w0), all
+// input channels ([ci][row][col]; compile-time sizes: no runtime divisions).
+template <int kRowsBox, int kColsBox>
+__device__ __forceinline__ void stage_box(float* box, const float* __restrict__ xn,
+                                          const float* shift, const CorrectionShape& s, int h0,
+                                          int w0) {
+  const int64_t plane = static_cast<int64_t>(s.h) * s.w;
+  for (int i = threadIdx.x; i < s.c_x * kRowsBox * kColsBox; i += kSeg) {
+    const int ci = i / (kRowsBox * kColsBox), rr = (i / kColsBox) % kRowsBox, cc = i % kColsBox;
+    const int ih = h0 + rr, iw = w0 + cc;
+    const bool inside = ih >= 0 && ih < s.h && iw >= 0 && iw < s.w;
+    box[i] = (inside ? __ldg(xn + ci * plane + static_cast<int64_t>(ih) * s.w + iw) : 0.f) -
+             shift[ci];
   }
 }
 
@@ -287,22 +360,28 @@ __global__ void __launch_bounds__(kSeg)
     const int box_h0 = (row_run ? line : start) - 2, box_w0 = (row_run ? start : line) - 2;
     const float* xn = x + n * s.c_x * plane;
     __syncthreads();  // the previous run's box is read; vt and shift are staged
-    for (int i = threadIdx.x; i < s.c_x * kBoxLong * kBoxShort; i += kSeg) {
-      const int ci = i / (kBoxLong * kBoxShort), rr = (i / box_cols) % box_rows, cc = i % box_cols;
-      const int ih = box_h0 + rr, iw = box_w0 + cc;
-      const bool inside = ih >= 0 && ih < s.h && iw >= 0 && iw < s.w;
-      box[i] = (inside ? __ldg(xn + ci * plane + static_cast<int64_t>(ih) * s.w + iw) : 0.f) -
-               shift[ci];
+    if (row_run) {
+      stage_box<kBoxShort, kBoxLong>(box, xn, shift, s, box_h0, box_w0);
+    } else {
+      stage_box<kBoxLong, kBoxShort>(box, xn, shift, s, box_h0, box_w0);
     }
     __syncthreads();
     if (threadIdx.x >= len) continue;
     const int ih = row_run ? line : start + threadIdx.x;
     const int iw = row_run ? start + threadIdx.x : line;
-    float acc[kCx] = {};
+    // The pixel's invalid taps (bit t = kr*3 + kq): only those are walked
+    // (3 for a border row or column with padding 1, 5 at a corner).
+    unsigned invalid = 0;
+#pragma unroll
     for (int t = 0; t < kTaps; ++t) {
+      const int oh = ih + s.pad_h - t / 3, ow = iw + s.pad_w - t % 3;
+      if (oh < 0 || oh >= s.h_g || ow < 0 || ow >= s.w_g) invalid |= 1u << t;
+    }
+    float acc[kCx] = {};
+    while (invalid != 0) {
+      const int t = __ffs(invalid) - 1;
+      invalid &= invalid - 1;
       const int kr = t / 3, kq = t % 3;
-      const int oh = ih + s.pad_h - kr, ow = iw + s.pad_w - kq;
-      if (oh >= 0 && oh < s.h_g && ow >= 0 && ow < s.w_g) continue;
 #pragma unroll
       for (int ci = 0; ci < kCx; ++ci) acc[ci] -= et[t * kCx + ci];
       for (int ci2 = 0; ci2 < s.c_x; ++ci2) {
@@ -367,18 +446,24 @@ void add_grad_input_correction(at::Tensor& grad_input, const at::Tensor& input,
   s.runs_w = (s.w + kSeg - 1) / kSeg;
   s.runs_h = (mid + kSeg - 1) / kSeg;
   s.runs = (s.top + s.bottom) * s.runs_w + (s.left + s.right) * s.runs_h;
-  s.vector = s.w % kPix == 0 &&
-             reinterpret_cast<uintptr_t>(grad_input.const_data_ptr<float>()) % 16 == 0;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor terms = at::empty({kTermWords}, x.options());
   correction_terms_kernel<<<kCx, 256, 0, stream>>>(
       w.const_data_ptr<float>(), x.const_data_ptr<float>(), rows.const_data_ptr<float>(),
       center.const_data_ptr<float>(), s, terms.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // Persistent: 4 blocks of 48 KB shared memory per multiprocessor.
+  // 16-byte halo copies when every row starts 16-byte aligned.
+  const bool vec4 = s.w % 4 == 0 && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  const auto kernel = vec4 ? grad_input_correction_kernel<4> : grad_input_correction_kernel<1>;
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kCorrectionSmem);
+  // Persistent: one wave of resident blocks (3 of 8 warps and 68 KB per
+  // multiprocessor on sm_90).
+  const int per_sm = std::max(
+      resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), kBlockThreads, kCorrectionSmem),
+      1);
   const int grid = static_cast<int>(
-      std::clamp<int64_t>(s.tiles, 1, int64_t{4} * multiprocessors(input.get_device())));
-  grad_input_correction_kernel<<<grid, kBlockThreads, 0, stream>>>(
+      std::clamp<int64_t>(s.tiles, 1, int64_t{per_sm} * multiprocessors(input.get_device())));
+  kernel<<<grid, kBlockThreads, kCorrectionSmem, stream>>>(
       x.const_data_ptr<float>(), terms.const_data_ptr<float>(),
       grad_input.mutable_data_ptr<float>(), s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

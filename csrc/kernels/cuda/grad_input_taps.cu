@@ -418,12 +418,7 @@ std::optional<TapShape> make_tap_shape(const at::Tensor& input, const at::Tensor
 template <int kVec>
 void launch(const TapShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& out) {
   auto kernel = grad_input_taps_kernel<kVec>;
-  static bool attribute_set = false;  // per instantiation
-  if (!attribute_set) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(kSmemBytes)));
-    attribute_set = true;
-  }
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmemBytes);
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   // Persistent: one block per multiprocessor (the shared memory allows no more).

@@ -524,8 +524,7 @@ void launch_moments(const MomentShape& s, const at::Tensor& g, const at::Tensor&
                     double* partials, int grid) {
   auto kernel = grad_moments_kernel<kVec, kGram>;
   const size_t bytes = smem_bytes(s);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
   kernel<<<grid, kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
       g.const_data_ptr<float>(), x.const_data_ptr<float>(), partials, s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -2,6 +2,10 @@
 // (declarations and the rationale of the limits: tile_launch.cuh).
 #include "kernels/cuda/tile_launch.cuh"
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 namespace fused_conv::cuda {
 namespace {
 
@@ -54,6 +58,34 @@ int multiprocessors(int device) {
 int max_shared_memory_per_block(int device) {
   static int cache[64] = {0};
   return cached_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device, cache);
+}
+
+void allow_dynamic_smem(const void* kernel, size_t bytes) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> granted;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& have = granted[{kernel, device}];
+  if (have >= bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  have = bytes;
+}
+
+int resident_blocks_per_sm(const void* kernel, int threads, size_t smem) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, device, threads, smem);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  known.emplace(key, blocks);
+  return blocks;
 }
 
 std::optional<ConvShape> make_tile_shape(const at::Tensor& input, const at::Tensor& weight,

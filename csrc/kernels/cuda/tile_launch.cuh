@@ -29,6 +29,17 @@ int multiprocessors(int device);
 // The most shared memory one block of a kernel may opt in to on the device.
 int max_shared_memory_per_block(int device);
 
+// Opts `kernel` in to `bytes` of dynamic shared memory on the current device.
+// cudaFuncSetAttribute acts on the current device's context only (a kernel
+// opted in on cuda:0 still has the 48 KB default on cuda:1), so the opt-in is
+// recorded per (kernel, device); it is only ever raised, so that a concurrent
+// launch of the same kernel with a larger size keeps its limit.
+void allow_dynamic_smem(const void* kernel, size_t bytes);
+
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor on the current device, looked
+// up once per (kernel, device, threads, dynamic shared memory).
+int resident_blocks_per_sm(const void* kernel, int threads, size_t smem);
+
 // n8 fragments per block: the block covers 8 * n_tiles_for(C_out) channels.
 inline int n_tiles_for(int64_t c_out) { return c_out <= 16 ? 2 : c_out <= 32 ? 4 : 8; }
 
@@ -80,21 +91,17 @@ Launch launch_tile_kernel(const ConvShape& s, const T* x, const T* w, const BnFo
                           const GradTerms& gt, T* out, float* partials, cudaStream_t stream,
                           bool dry_run) {
   auto kernel = conv_tile_kernel<T, kNT, kSplit, kMode>;
+  const void* entry = reinterpret_cast<const void*>(kernel);
   const size_t smem =
       tile_smem_bytes<kNT, kSplit>(s, kMode == TileMode::kGradOutW, kMode == TileMode::kConv);
-  static bool attribute_set = false;  // per instantiation
-  if (!attribute_set) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        kMaxSmemBytes));
-    attribute_set = true;
-  }
+  allow_dynamic_smem(entry, kMaxSmemBytes);
   const int64_t c_blocks = (s.c_out + 8 * kNT - 1) / (8 * kNT);
   // Persistent grid: one wave of resident blocks. For the reduction modes the
   // grid fixes the partials' shape and so the merge order: it depends only on
   // the device and the shape, so results are reproducible run to run.
-  int device = 0, per_sm = 0;
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  const int per_sm = resident_blocks_per_sm(entry, kThreads, smem);
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * multiprocessors(device);
   const int grid_x = static_cast<int>(
       std::clamp<int64_t>(resident / c_blocks, 1, std::min<int64_t>(s.tiles, 1 << 30)));
