@@ -781,7 +781,63 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
       // The forward's epilogue, kept specialised: per-row base pointers and no
       // per-element 64-bit offsets (the generic form below cost the eval kernel
       // about 30% on the reference problem).
-      if (row_ok) {
+      //
+      // float32 NCHW: an accumulator fragment holds 8 pixels x 4 channels per
+      // store (four 32-byte sectors in four rows), so the warp's 32 x kBN output
+      // goes out through shared memory instead, 8 channels at a time: written
+      // [channel][pixel] into this tile's patch buffer (free once every warp is
+      // past the main loop; the ring refills it after the loop's closing
+      // barrier), then read back along the row, so that each store instruction
+      // writes two whole 32-pixel channel rows (8-byte stores: rows of an even
+      // width start 8-byte aligned) or one (4-byte, odd widths).
+      constexpr int kEpiStride = 36;  // words per staged channel row: writes hit banks 8t + g
+      constexpr int kEpiWords = 8 * kEpiStride;  // per warp
+      bool staged = false;
+      if constexpr (sizeof(T) == 4) {
+        staged = !s.channels_last && lay.tile_stride >= kWarps * kEpiWords;
+      }
+      if (staged) {
+        __syncthreads();  // every warp is done reading this tile's patch
+        if (row_ok) {
+          float* st = patches + stage * lay.tile_stride + warp * kEpiWords;
+          const int64_t plane = static_cast<int64_t>(s.h_out) * s.w_out;
+          float* o = reinterpret_cast<float*>(out) + tc.n * s.c_out * plane +
+                     static_cast<int64_t>(oh) * s.w_out + tc.ow0;
+          const int cols = min(kTileW, s.w_out - tc.ow0);  // valid pixels of this row tile
+          const bool pairs = (s.w_out & 1) == 0;           // then cols is even too
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+            for (int p = 0; p < 2; ++p) {
+              const float a = coef_a[j * 8 + 2 * t + p], d = coef_d[j * 8 + 2 * t + p];
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                st[(2 * t + p) * kEpiStride + g + 8 * q] = fmaf(a, acc[q >> 1][j][(q & 1) * 2 + p], d);
+              }
+            }
+            __syncwarp();
+            if (pairs) {
+              // lane l, i < 4: channel 8j + 2i + l / 16, pixels 2 (l % 16) and + 1
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                const int ch = 2 * i + (lane >> 4), px = 2 * (lane & 15);
+                if (px < cols && c_base + j * 8 + ch < s.c_out) {
+                  const float2 v = *reinterpret_cast<const float2*>(st + ch * kEpiStride + px);
+                  __stcs(reinterpret_cast<float2*>(o + (c_base + j * 8 + ch) * plane + px), v);
+                }
+              }
+            } else {
+#pragma unroll
+              for (int ch = 0; ch < 8; ++ch) {
+                if (lane < cols && c_base + j * 8 + ch < s.c_out) {
+                  __stcs(o + (c_base + j * 8 + ch) * plane + lane, st[ch * kEpiStride + lane]);
+                }
+              }
+            }
+            __syncwarp();  // the next 8 channels reuse the staging rows
+          }
+        }
+      } else if (row_ok) {
         if (s.channels_last) {
           // A pixel's channels are contiguous: channels 2t and 2t+1 go out as one
           // 8-byte (fp32) or 4-byte (fp16/bf16) store when C_out is even (aligned).
