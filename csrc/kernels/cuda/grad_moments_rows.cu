@@ -95,6 +95,37 @@ size_t smem_bytes(const RowShape& s) {
                           static_cast<size_t>(s.rows + 2) * 3 * kParts * kCx + kCx);
 }
 
+// Visits this thread's indices i = threadIdx.x + kThreads*m of a 3-digit space
+// (outer, mid < e1, inner < e2) by carries instead of divisions: the start and
+// the step are divided once per call.
+struct Walk3 {
+  int outer, mid, inner;
+  int d_outer, d_mid, d_inner;
+  int e1, e2;
+  __device__ Walk3(int extent1, int extent2) : e1(extent1), e2(extent2) {
+    const int block = e1 * e2;
+    outer = threadIdx.x / block;
+    mid = (threadIdx.x / e2) % e1;
+    inner = threadIdx.x % e2;
+    d_outer = kThreads / block;
+    d_mid = (kThreads / e2) % e1;
+    d_inner = kThreads % e2;
+  }
+  __device__ void next() {
+    inner += d_inner;
+    mid += d_mid;
+    outer += d_outer;
+    if (inner >= e2) {
+      inner -= e2;
+      ++mid;
+    }
+    if (mid >= e1) {
+      mid -= e1;
+      ++outer;
+    }
+  }
+};
+
 // Copies tile `tile`'s g rows (slot ri*slots + p; zeros past W_out and past the
 // image's last row) and its rows + 2 input rows (zeros outside the image) into
 // a ring stage. Channels past C_out / C_in and the raw rows' margins are never
@@ -105,21 +136,16 @@ __device__ __noinline__ void stage_rows(const float* __restrict__ g, const float
   const int64_t n = tile / s.tiles_h;
   const int oh0 = static_cast<int>(tile - n * s.tiles_h) * s.rows;
   const float* gn = g + n * s.c_g * s.plane_g;
-  const int row_vecs = s.slots / kVec, tile_vecs = s.rows * row_vecs;
-  for (int i = threadIdx.x; i < s.c_g * tile_vecs; i += kThreads) {
-    const int c = i / tile_vecs, rem = i - c * tile_vecs;
-    const int ri = rem / row_vecs, p = (rem - ri * row_vecs) * kVec;
-    const int oh = oh0 + ri;
+  for (Walk3 it(s.rows, s.slots / kVec); it.outer < s.c_g; it.next()) {  // (c, ri, p / kVec)
+    const int c = it.outer, oh = oh0 + it.mid, p = it.inner * kVec;
     const bool valid = oh < s.h_g && p < s.w_g;  // w_g % kVec == 0: all in or all out
     const float* src = valid ? gn + c * s.plane_g + oh * s.w_g + p : g;
-    cp_async_vec<kVec>(dst + c * kGS + ri * s.slots + p, src, valid);
+    cp_async_vec<kVec>(dst + c * kGS + it.mid * s.slots + p, src, valid);
   }
   float* xd = dst + kCo * kGS;
-  const int in_rows = s.rows + 2, w_vecs = s.w / kVec;
   const float* xn = x + n * s.c_x * static_cast<int64_t>(s.h) * s.w;
-  for (int i = threadIdx.x; i < s.c_x * in_rows * w_vecs; i += kThreads) {
-    const int plane_row = i / w_vecs, iw = (i - plane_row * w_vecs) * kVec;
-    const int ci = plane_row / in_rows, rr = plane_row - ci * in_rows;
+  for (Walk3 it(s.rows + 2, s.w / kVec); it.outer < s.c_x; it.next()) {  // (ci, rr, iw / kVec)
+    const int ci = it.outer, rr = it.mid, iw = it.inner * kVec;
     const int ih = oh0 - s.pad_h + rr;
     const bool valid = ih >= 0 && ih < s.h;
     const float* src = valid ? xn + (ci * s.h + ih) * s.w + iw : x;
