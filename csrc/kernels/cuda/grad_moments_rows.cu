@@ -129,18 +129,28 @@ struct Walk3 {
 // Copies tile `tile`'s g rows (slot ri*slots + p; zeros past W_out and past the
 // image's last row) and its rows + 2 input rows (zeros outside the image) into
 // a ring stage. Channels past C_out / C_in and the raw rows' margins are never
-// written (zeroed once).
+// written (zeroed once). The g copies: thread t owns item t % per_c of the tile
+// (a (row, pixel) pair; per_c <= kPix / kVec <= kThreads / 2) in the channels
+// t / per_c + m * c_step, so its source and destination advance by constants.
+// Inlined, so that the shape is read from the kernel's parameters (a reference
+// into a non-inlined function put it in local memory, reloaded per copy).
 template <int kVec>
-__device__ __noinline__ void stage_rows(const float* __restrict__ g, const float* __restrict__ x,
-                                        const RowShape& s, int64_t tile, float* dst) {
+__device__ __forceinline__ void stage_rows(const float* __restrict__ g, const float* __restrict__ x,
+                                           const RowShape& s, int64_t tile, float* dst) {
   const int64_t n = tile / s.tiles_h;
   const int oh0 = static_cast<int>(tile - n * s.tiles_h) * s.rows;
-  const float* gn = g + n * s.c_g * s.plane_g;
-  for (Walk3 it(s.rows, s.slots / kVec); it.outer < s.c_g; it.next()) {  // (c, ri, p / kVec)
-    const int c = it.outer, oh = oh0 + it.mid, p = it.inner * kVec;
+  const int per_row = s.slots / kVec, per_c = s.rows * per_row, c_step = kThreads / per_c;
+  const int c0 = threadIdx.x / per_c, item = threadIdx.x - c0 * per_c;
+  if (c0 < c_step) {
+    const int ri = item / per_row, p = (item - ri * per_row) * kVec;
+    const int oh = oh0 + ri;
     const bool valid = oh < s.h_g && p < s.w_g;  // w_g % kVec == 0: all in or all out
-    const float* src = valid ? gn + c * s.plane_g + oh * s.w_g + p : g;
-    cp_async_vec<kVec>(dst + c * kGS + it.mid * s.slots + p, src, valid);
+    const float* src = valid ? g + (n * s.c_g + c0) * s.plane_g + oh * s.w_g + p : g;
+    const int64_t src_step = valid ? static_cast<int64_t>(c_step) * s.plane_g : 0;
+    float* d = dst + c0 * kGS + ri * s.slots + p;
+    for (int c = c0; c < s.c_g; c += c_step, src += src_step, d += c_step * kGS) {
+      cp_async_vec<kVec>(d, src, valid);
+    }
   }
   float* xd = dst + kCo * kGS;
   const float* xn = x + n * s.c_x * static_cast<int64_t>(s.h) * s.w;
@@ -160,7 +170,7 @@ __device__ __noinline__ void stage_rows(const float* __restrict__ g, const float
 // converts a quarter of the row's groups, lane (ci, e) one word of each core
 // matrix: the loads hit banks 4ci + e (raw_plane = 4 mod 32), the stores are
 // 32 consecutive words. sums[u][ci] = the unit's sum of X~ (in a fixed order).
-__device__ __noinline__ void convert_rows(const RowShape& s, const float* raw, const float* shift,
+__device__ __forceinline__ void convert_rows(const RowShape& s, const float* raw, const float* shift,
                                           float* xt_big, float* xt_small, float* sums) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, ci = lane / 4, e = lane % 4;
   const float sh = shift[ci];
