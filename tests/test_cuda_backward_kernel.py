@@ -139,6 +139,8 @@ SHAPES = [
     (2, 6, 30, 28, 48, 3, 1, 0, 1),  # moments: 26-pixel rows (a tile spans 8 input rows)
     (3, 1, 12, 40, 16, 3, 1, 1, 1),  # moments with C_in = 1 (7 zero input-channel planes)
     (2, 3, 3, 30, 16, 3, 1, 0, 1),  # moments, 3 input rows: every row a border row
+    (2, 8, 10, 128, 64, 3, 1, 0, 1),  # moments on Hopper: 126-pixel rows, one per row tile
+    (2, 4, 9, 128, 16, 3, 1, 2, 1),  # moments, 130-pixel rows: the flat kernel on Hopper too
 ]
 
 
@@ -186,11 +188,39 @@ def test_sanitize_backward_taps_several_tiles_per_block(c_out):
                    channels_last=False, training=True, seed=7)  # fmt: skip
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("shape", SHAPES[12:16], ids=lambda s: "x".join(map(str, s)))
+def test_flat_moments_kernel_matches_reference(shape, training, monkeypatch):
+    # FUSED_CONV_MOMENTS_KERNEL=flat: the flat 128-pixel kernel where Hopper would take the
+    # row-tiled one, so that both are checked on the device the suite runs on.
+    monkeypatch.setenv("FUSED_CONV_MOMENTS_KERNEL", "flat")
+    check_backward(shape, dtype=torch.float32, channels_last=False, training=training,
+                   seed=sum(shape) + 3)  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", ["rows", "flat"])
+def test_sanitize_backward_moments_kernels(kernel, monkeypatch):
+    # both patch-moments kernels under compute-sanitizer: 2 x 18 rows tiles and a partial
+    # flat tile, padding 1 (rows outside the image), 8-byte copies.
+    monkeypatch.setenv("FUSED_CONV_MOMENTS_KERNEL", kernel)
+    check_backward((2, 5, 20, 34, 24, 3, 1, 1, 1), dtype=torch.float32, channels_last=False,
+                   training=True, seed=8)  # fmt: skip
+
+
 def test_backward_large_offset_input():
     # mean(y) >> std(y): x_hat and the sums of g * x_hat must not cancel in float32
     # (the kernel centres y on the saved mean before summing).
     check_backward((2, 8, 20, 40, 32, 3, 1, 1, 1), dtype=torch.float32, channels_last=False,
                    training=True, seed=11, offset=300.0, bound=1e-3)  # fmt: skip
+
+
+# Hopper runs the row-tiled patch moments (wgmma) where output rows fit 128 pixels; other
+# devices the flat 128-pixel kernel (grad_moments_rows_supports).
+MOMENTS_KERNEL = (
+    "grad_moments_rows_kernel"
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+    else "grad_moments_kernel"
+)
 
 
 @pytest.mark.parametrize(
@@ -202,7 +232,7 @@ def test_backward_large_offset_input():
             8,
             64,
             (
-                "grad_moments_kernel",
+                MOMENTS_KERNEL,
                 "finalize_moments_kernel",
                 "grad_input_taps_kernel",
                 "grad_input_correction_kernel",

@@ -49,6 +49,8 @@
 #include <optional>
 
 #include "kernels/cuda/grad_coefficients.cuh"
+#include "kernels/cuda/grad_moments_record.cuh"
+#include "kernels/cuda/grad_moments_rows.h"
 #include "kernels/cuda/tf32_mma.cuh"
 #include "kernels/cuda/tile_launch.cuh"
 
@@ -63,21 +65,20 @@ constexpr int kFreshSteps = 4;  // k-steps per fresh accumulator
 // Words between the channel rows of the staged g tile (= 4 mod 32): an A
 // fragment load (8 channels x 4 pixels) hits 32 different banks.
 constexpr int kGStride = kPixels + 4;
-constexpr int kCo = 64;  // output channels: 4 m16 blocks
-constexpr int kCx = 8;   // input channels: one n8 fragment
-constexpr int kTaps = 9;
-constexpr int kK = kCx * kTaps;  // 72 patch columns, k = ci*9 + tap
+using moments::kCo;    // output channels: 4 m16 blocks
+using moments::kCx;    // input channels: one n8 fragment
+using moments::kTaps;
+using moments::kK;     // 72 patch columns, k = ci*9 + tap
 constexpr int kLeft = 4;         // zero columns left of a staged row (>= padding 2)
 constexpr int kMaxW = 128;       // input width: a staged row holds kLeft + w + 3
 constexpr int kRowW = 136;       // words per staged row (a multiple of 4)
 static_assert(kLeft + kMaxW + 3 < kRowW && kRowW % 4 == 0, "a staged row holds every tap");
-// The float64 record of one block: Gw [64][72], G [72][72] (entries with
-// tap(row) <= tap(col) and some others), sum X [72], sum g [64].
-constexpr int kRecGw = 0;
-constexpr int kRecG = kRecGw + kCo * kK;
-constexpr int kRecS = kRecG + kK * kK;
-constexpr int kRecSumG = kRecS + kK;
-constexpr int kRecord = kRecSumG + kCo;
+// The float64 record of one block (grad_moments_record.cuh).
+using moments::kRecG;
+using moments::kRecGw;
+using moments::kRecord;
+using moments::kRecS;
+using moments::kRecSumG;
 
 struct MomentShape {
   int64_t n, tiles;
@@ -561,16 +562,24 @@ std::pair<at::Tensor, at::Tensor> grad_moments(const at::Tensor& grad_out, const
   const bool vec4 = s.plane_g % 4 == 0 && s.w % 4 == 0 && aligned(g) && aligned(x);
   // Training needs sum X (the recentring delta) and G; the G warps compute both.
   const bool gram = training;
-  const int grid = static_cast<int>(
-      std::clamp<int64_t>(s.tiles, 1, multiprocessors(input.get_device())));  // 1 block per SM
   const auto f64 = input.options().dtype(at::kDouble);
-  at::Tensor partials = at::empty({grid, kRecord}, f64);
-  double* p = partials.mutable_data_ptr<double>();
-  if (vec4) {
-    gram ? launch_moments<4, true>(s, g, x, p, grid) : launch_moments<4, false>(s, g, x, p, grid);
+  at::Tensor partials;
+  if (grad_moments_rows_supports(input.get_device(), s.w_g)) {
+    partials = grad_moments_rows(g, x, s.pad_h, s.pad_w, gram);
   } else {
-    gram ? launch_moments<1, true>(s, g, x, p, grid) : launch_moments<1, false>(s, g, x, p, grid);
+    const int blocks = static_cast<int>(
+        std::clamp<int64_t>(s.tiles, 1, multiprocessors(input.get_device())));  // 1 block per SM
+    partials = at::empty({blocks, kRecord}, f64);
+    double* p = partials.mutable_data_ptr<double>();
+    if (vec4) {
+      gram ? launch_moments<4, true>(s, g, x, p, blocks)
+           : launch_moments<4, false>(s, g, x, p, blocks);
+    } else {
+      gram ? launch_moments<1, true>(s, g, x, p, blocks)
+           : launch_moments<1, false>(s, g, x, p, blocks);
+    }
   }
+  const int grid = static_cast<int>(partials.size(0));
   at::Tensor total = at::empty({kRecord}, f64);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   constexpr int kBlock = 256;

@@ -55,6 +55,11 @@ int multiprocessors(int device) {
   return cached_attribute(cudaDevAttrMultiProcessorCount, device, cache);
 }
 
+int compute_capability_major(int device) {
+  static int cache[64] = {0};
+  return cached_attribute(cudaDevAttrComputeCapabilityMajor, device, cache);
+}
+
 int max_shared_memory_per_block(int device) {
   static int cache[64] = {0};
   return cached_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device, cache);

@@ -26,6 +26,8 @@ constexpr int kMaxCin = 32;
 constexpr int kMaxSmemBytes = 160 * 1024;
 
 int multiprocessors(int device);
+// The device's compute capability, major part (9 on Hopper).
+int compute_capability_major(int device);
 // The most shared memory one block of a kernel may opt in to on the device.
 int max_shared_memory_per_block(int device);
 

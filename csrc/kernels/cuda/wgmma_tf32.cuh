@@ -48,6 +48,14 @@ __device__ __forceinline__ uint64_t wgmma_desc_k_major(const void* smem, uint32_
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
+// Makes this thread's ordinary shared-memory stores visible to wgmma's operand
+// reads (the async proxy); then a barrier, then the MMAs (PTX ISA, "async
+// proxy"). Needed where a wgmma operand is rewritten while the kernel runs.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if FUSED_CONV_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
@@ -71,6 +79,13 @@ __device__ __forceinline__ void wgmma_fence_operands(uint32_t (&r)[kM][kN]) {
   for (int i = 0; i < kM; ++i)
 #pragma unroll
     for (int j = 0; j < kN; ++j) wgmma_fence_operand(r[i][j]);
+}
+template <int kN, int kE>
+__device__ __forceinline__ void wgmma_fence_accumulators(float (&r)[kN][kE]) {
+#pragma unroll
+  for (int j = 0; j < kN; ++j)
+#pragma unroll
+    for (int e = 0; e < kE; ++e) wgmma_fence_operand(r[j][e]);
 }
 template <int kM, int kN, int kE>
 __device__ __forceinline__ void wgmma_fence_accumulators(float (&r)[kM][kN][kE]) {
@@ -161,6 +176,42 @@ __device__ __forceinline__ void wgmma_tf32<9>(float (&d)[9][4], const uint32_t (
         "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
         "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
+}
+
+// A from shared memory too (both operands K-major, through descriptors): the
+// patch-moments kernel's X X^T, where A and B are the same staged patch matrix.
+template <int kNT>
+__device__ void wgmma_tf32_ss(float (&d)[kNT][4], uint64_t a_desc, uint64_t b_desc);
+
+template <>
+__device__ __forceinline__ void wgmma_tf32_ss<1>(float (&d)[1][4], uint64_t a_desc,
+                                                  uint64_t b_desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n8k8.f32.tf32.tf32 {"
+      "%0, %1, %2, %3}, %4, %5, 1, 1, 1;\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+      : "l"(a_desc), "l"(b_desc));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_tf32_ss<9>(float (&d)[9][4], uint64_t a_desc,
+                                                  uint64_t b_desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n72k8.f32.tf32.tf32 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "
+      "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35}, "
+      "%36, %37, 1, 1, 1;\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3])
+      : "l"(a_desc), "l"(b_desc));
 }
 #endif  // FUSED_CONV_WGMMA
 
