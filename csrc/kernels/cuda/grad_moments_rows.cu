@@ -185,13 +185,20 @@ __device__ __forceinline__ void convert_rows(const RowShape& s, const float* raw
     float* big_dst = xt_big + task * s.xt_row + ci * 4 + e;
     float* small_dst = xt_small + task * s.xt_row + ci * 4 + e;
     float sum = 0.f;
-    for (int j = j0; j < j1; ++j) {
-      const float v = 4 * j + e < s.w_g ? src[4 * j] - sh : 0.f;
-      uint32_t big, small;
-      split_tf32(v, big, small);
-      big_dst[32 * j] = __uint_as_float(big);
-      small_dst[32 * j] = __uint_as_float(small);
-      sum += v;
+    // At most kPix / 4 / kParts groups per unit: unrolled and predicated, no
+    // loop branches (ncu: the runtime-bounded loop's branches were a tenth of
+    // the conversion's samples).
+#pragma unroll
+    for (int jj = 0; jj < kPix / 4 / kParts; ++jj) {
+      const int j = j0 + jj;
+      if (j < j1) {
+        const float v = 4 * j + e < s.w_g ? src[4 * j] - sh : 0.f;
+        uint32_t big, small;
+        split_tf32(v, big, small);
+        big_dst[32 * j] = __uint_as_float(big);
+        small_dst[32 * j] = __uint_as_float(small);
+        sum += v;
+      }
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
