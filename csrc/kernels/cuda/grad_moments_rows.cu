@@ -89,10 +89,11 @@ struct RowShape {
 };
 
 // Shared memory: the ring, X~ big then small, the conversion's row sums
-// [(rows + 2) * 3][kParts][kCx], the shifts.
+// [(rows + 2) * 3][kParts][kCx], the shifts, the k-step table (kPix / 8 int2).
 size_t smem_bytes(const RowShape& s) {
   return sizeof(float) * (2 * static_cast<size_t>(s.stage_words) + 2 * static_cast<size_t>(s.xt_words) +
-                          static_cast<size_t>(s.rows + 2) * 3 * kParts * kCx + kCx);
+                          static_cast<size_t>(s.rows + 2) * 3 * kParts * kCx + kCx) +
+         sizeof(int2) * (kPix / 8);
 }
 
 // Visits this thread's indices i = threadIdx.x + kThreads*m of a 3-digit space
@@ -184,13 +185,20 @@ __device__ __forceinline__ void convert_rows(const RowShape& s, const float* raw
     float* big_dst = xt_big + task * s.xt_row + ci * 4 + e;
     float* small_dst = xt_small + task * s.xt_row + ci * 4 + e;
     float sum = 0.f;
-    for (int j = j0; j < j1; ++j) {
-      const float v = 4 * j + e < s.w_g ? src[4 * j] - sh : 0.f;
-      uint32_t big, small;
-      split_tf32(v, big, small);
-      big_dst[32 * j] = __uint_as_float(big);
-      small_dst[32 * j] = __uint_as_float(small);
-      sum += v;
+    // At most kPix / 4 / kParts groups per unit: unrolled and predicated, no
+    // loop branches (ncu: the runtime-bounded loop's branches were a tenth of
+    // the conversion's samples).
+#pragma unroll
+    for (int jj = 0; jj < kPix / 4 / kParts; ++jj) {
+      const int j = j0 + jj;
+      if (j < j1) {
+        const float v = 4 * j + e < s.w_g ? src[4 * j] - sh : 0.f;
+        uint32_t big, small;
+        split_tf32(v, big, small);
+        big_dst[32 * j] = __uint_as_float(big);
+        small_dst[32 * j] = __uint_as_float(small);
+        sum += v;
+      }
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -212,12 +220,12 @@ __device__ __forceinline__ int xt_word(const RowShape& s, int xo, int t, int kc,
 template <int kVec, bool kGwRole, bool kGram>
 __device__ void rows_loop(const float* __restrict__ g, const float* __restrict__ x,
                           double* __restrict__ partials, const RowShape& s, float* ring,
-                          float* xt_big, float* xt_small, float* sums, const float* shift) {
+                          float* xt_big, float* xt_small, float* sums, const float* shift,
+                          const int2* step_off) {
   constexpr bool kComputes = kGwRole || kGram;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wq = warp % 4;  // the warp's 16 rows of the warpgroup's m64 block
   const int fg = lane / 4, ft = lane % 4;
-  const int steps_per_row = s.slots / 8;
   // Gw rows 16wq + fg (+ 8) x 72 columns (warpgroup 0), or G rows taps 1 + 2wq
   // (+ 1) x 72 columns (warpgroup 1); d0..d3 as an m16n8 fragment.
   float run[kTaps][4], run0[4];  // run0: G rows taps 2wq (+ 1) x column tap 0
@@ -255,12 +263,13 @@ __device__ void rows_loop(const float* __restrict__ g, const float* __restrict__
     if constexpr (!kComputes) continue;
     const int64_t n = tile / s.tiles_h;
     const int oh0 = static_cast<int>(tile - n * s.tiles_h) * s.rows;
-    const int k_steps = min(s.rows, s.h_g - oh0) * steps_per_row;
+    const int rows_valid = min(s.rows, s.h_g - oh0);
+    const int k_steps = rows_valid * (s.slots / 8);
     if constexpr (!kGwRole) {
       if (t1 < kK) {  // sum X of column (tap, ci) over the tile's valid rows
         const int r = sx_tap / 3, q = sx_tap % 3;
         float sx = 0.f;
-        for (int ri = 0; ri < k_steps / steps_per_row; ++ri)
+        for (int ri = 0; ri < rows_valid; ++ri)
 #pragma unroll
           for (int part = 0; part < kParts; ++part)
             sx += sums[(((ri + r) * 3 + q) * kParts + part) * kCx + sx_ci];
@@ -271,10 +280,14 @@ __device__ void rows_loop(const float* __restrict__ g, const float* __restrict__
     float sum_g[2] = {0.f, 0.f};
     for (int ks0 = 0; ks0 < k_steps; ks0 += kFreshSteps) {
       float acc[kTaps][4], acc0[1][4];
+      // Fresh accumulators: zeros, except warpgroup 0 on sm_90a, whose first
+      // MMA of the group ignores them (scale-d = 0).
+      if (!(FUSED_CONV_WGMMA && kGwRole)) {
 #pragma unroll
-      for (int j = 0; j < kTaps; ++j)
+        for (int j = 0; j < kTaps; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+          for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+      }
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc0[0][i] = 0.f;
 #if FUSED_CONV_WGMMA
@@ -284,8 +297,7 @@ __device__ void rows_loop(const float* __restrict__ g, const float* __restrict__
         // the registers stay untouched until the wait below.
 #pragma unroll
         for (int f = 0; f < kFreshSteps; ++f) {
-          const int ks = min(ks0 + f, k_steps - 1);
-          const int ri = ks / steps_per_row, col = ri * s.slots + 8 * (ks - ri * steps_per_row);
+          const int col = step_off[min(ks0 + f, k_steps - 1)].y;
           const float gv[4] = {gs[col], gs[8 * kGS + col], gs[col + 4], gs[8 * kGS + col + 4]};
 #pragma unroll
           for (int i = 0; i < 4; ++i) split_tf32(gv[i], a_big[f][i], a_small[f][i]);
@@ -300,11 +312,14 @@ __device__ void rows_loop(const float* __restrict__ g, const float* __restrict__
       for (int f = 0; f < kFreshSteps; ++f) {
         const int ks = ks0 + f;
         if (ks >= k_steps) break;  // warpgroup-uniform
-        const int ri = ks / steps_per_row;
-        const int xo = ri * 3 * s.xt_row + 64 * (ks - ri * steps_per_row);  // tap 0, k-half 0
+        const int xo = step_off[ks].x;  // tap 0, k-half 0
         const uint64_t b_big = desc_big + xo / 4, b_small = desc_small + xo / 4;
         if constexpr (kGwRole) {
-          wgmma_tf32<9>(acc, a_small[f], b_big);
+          if (f == 0) {  // unrolled: f is a constant
+            wgmma_tf32_first_n72(acc, a_small[f], b_big);
+          } else {
+            wgmma_tf32<9>(acc, a_small[f], b_big);
+          }
           wgmma_tf32<9>(acc, a_big[f], b_small);
           wgmma_tf32<9>(acc, a_big[f], b_big);
         } else {
@@ -327,11 +342,10 @@ __device__ void rows_loop(const float* __restrict__ g, const float* __restrict__
       }
 #else
       for (int ks = ks0; ks < min(ks0 + kFreshSteps, k_steps); ++ks) {
-        const int ri = ks / steps_per_row;
-        const int xo = ri * 3 * s.xt_row + 64 * (ks - ri * steps_per_row);
+        const int xo = step_off[ks].x;
         uint32_t a_big[4], a_small[4];
         if constexpr (kGwRole) {
-          const int col = ri * s.slots + 8 * (ks - ri * steps_per_row);
+          const int col = step_off[ks].y;
           const float gv[4] = {gs[col], gs[8 * kGS + col], gs[col + 4], gs[8 * kGS + col + 4]};
 #pragma unroll
           for (int i = 0; i < 4; ++i) split_tf32(gv[i], a_big[i], a_small[i]);
@@ -451,6 +465,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* xt_small = xt_big + s.xt_words;
   float* sums = xt_small + s.xt_words;
   float* shift = sums + (s.rows + 2) * 3 * kParts * kCx;
+  int2* step_off = reinterpret_cast<int2*>(shift + kCx);
   // Zeros never overwritten: g channels past C_out, the raw rows' margins and
   // channels past C_in.
   for (int i = threadIdx.x; i < 2 * s.stage_words; i += kThreads) ring[i] = 0.f;
@@ -460,15 +475,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int ci = threadIdx.x;
     shift[ci] = ci < s.c_x ? x[(static_cast<int64_t>(ci) * s.h + s.h / 2) * s.w + s.w / 2] : 0.f;
   }
+  // Per k-step ks (8 pixel slots of output row ri = ks / steps_per_row): the X~
+  // word of tap 0, k-half 0, and the g slot column. Tabulated once, so that the
+  // MMA loops do no division (ncu: ~20 instructions per k-step before).
+  if (threadIdx.x < kPix / 8) {
+    const int ks = threadIdx.x, steps_per_row = s.slots / 8;
+    const int ri = ks / steps_per_row, j = ks - ri * steps_per_row;
+    step_off[ks] = make_int2(ri * 3 * s.xt_row + 64 * j, ri * s.slots + 8 * j);
+  }
   __syncthreads();
   // The warpgroup index, broadcast from lane 0 so that the compiler sees it
   // warp-uniform (a branch on threadIdx.x alone counts as divergent, and ptxas
   // then serializes the wgmmas inside it).
   const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
   if (warpgroup == 0) {
-    rows_loop<kVec, true, kGram>(g, x, partials, s, ring, xt_big, xt_small, sums, shift);
+    rows_loop<kVec, true, kGram>(g, x, partials, s, ring, xt_big, xt_small, sums, shift, step_off);
   } else {
-    rows_loop<kVec, false, kGram>(g, x, partials, s, ring, xt_big, xt_small, sums, shift);
+    rows_loop<kVec, false, kGram>(g, x, partials, s, ring, xt_big, xt_small, sums, shift,
+                                  step_off);
   }
 }
 
