@@ -67,8 +67,10 @@ struct RowsShape {
   bool vec4;                  // NHWC: 16-byte loads of 4 channels
 };
 
+// Weights (big, small), then two strip buffers of staged input (big, small):
+// the next strip is staged while the current one's MMAs run.
 size_t smem_bytes(const RowsShape& r) {
-  return (2 * static_cast<size_t>(r.w_words) + 2 * static_cast<size_t>(r.x_words)) *
+  return (2 * static_cast<size_t>(r.w_words) + 4 * static_cast<size_t>(r.x_words)) *
              sizeof(float) +
          kMaxKSteps * sizeof(int);
 }
@@ -122,51 +124,65 @@ __device__ __forceinline__ void stage_strip(const float* __restrict__ x, const R
   const int64_t image = static_cast<int64_t>(s.c_in) * s.h * s.w;
   const float* img = x + n * image;
   const int plane_in = s.h * s.w;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < items; i += kThreads) {
-    int pl, sr, px;
-    if constexpr (kChannelsLast) {
-      pl = i % planes;
-      const int rest = i / planes;
-      px = rest % s.staged_w;
-      sr = rest / s.staged_w;
-    } else {
-      px = i % s.staged_w;
-      const int rest = i / s.staged_w;
-      sr = rest % s.staged_rows;
-      pl = rest / s.staged_rows;
-    }
-    const int ih = ih0 + sr, iw = iw0 + px, c0 = 4 * pl;
-    const bool inside = static_cast<unsigned>(ih) < static_cast<unsigned>(s.h) &&
-                        static_cast<unsigned>(iw) < static_cast<unsigned>(s.w);
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
-    if (inside) {
+  // kBatch items per thread in flight: all their loads are issued before the
+  // first split (one item at a time would wait out a load latency per item).
+  // The loop bounds are warp-uniform: the staging runs between a wgmma commit
+  // and its wait, where a divergent branch makes ptxas serialize the MMAs.
+  constexpr int kBatch = 4;
+  for (int base = 0; base < items; base += kBatch * kThreads) {
+    float v[kBatch][4];
+    int dst[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = base + u * kThreads + static_cast<int>(threadIdx.x);
+      int pl, sr, px;
+      if constexpr (kChannelsLast) {
+        pl = i % planes;
+        const int rest = i / planes;
+        px = rest % s.staged_w;
+        sr = rest / s.staged_w;
+      } else {
+        px = i % s.staged_w;
+        const int rest = i / s.staged_w;
+        sr = rest % s.staged_rows;
+        pl = rest / s.staged_rows;
+      }
+      const int ih = ih0 + sr, iw = iw0 + px, c0 = 4 * pl;
+      const bool inside = i < items && static_cast<unsigned>(ih) < static_cast<unsigned>(s.h) &&
+                          static_cast<unsigned>(iw) < static_cast<unsigned>(s.w);
+      dst[u] = i < items ? ((pl * s.staged_rows + sr) * s.staged_w + px) * 4 : -1;
       if constexpr (kChannelsLast) {
         const float* src = img + (static_cast<int64_t>(ih) * s.w + iw) * s.c_in + c0;
-        if (s.vec4 && c0 < s.c_in) {
+        if (s.vec4 && inside && c0 < s.c_in) {
           const float4 q = __ldg(reinterpret_cast<const float4*>(src));
-          v[0] = q.x;
-          v[1] = q.y;
-          v[2] = q.z;
-          v[3] = q.w;
+          v[u][0] = q.x;
+          v[u][1] = q.y;
+          v[u][2] = q.z;
+          v[u][3] = q.w;
         } else {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) v[e] = c0 + e < s.c_in ? __ldg(src + e) : 0.f;
+          for (int e = 0; e < 4; ++e) v[u][e] = inside && c0 + e < s.c_in ? __ldg(src + e) : 0.f;
         }
       } else {
         const float* src = img + static_cast<int64_t>(c0) * plane_in + ih * s.w + iw;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) v[e] = c0 + e < s.c_in ? __ldg(src + e * plane_in) : 0.f;
+        for (int e = 0; e < 4; ++e) {
+          v[u][e] = inside && c0 + e < s.c_in ? __ldg(src + e * plane_in) : 0.f;
+        }
       }
     }
-    uint4 big, small;
-    split_tf32(v[0], big.x, small.x);
-    split_tf32(v[1], big.y, small.y);
-    split_tf32(v[2], big.z, small.z);
-    split_tf32(v[3], big.w, small.w);
-    const int dst = ((pl * s.staged_rows + sr) * s.staged_w + px) * 4;
-    *reinterpret_cast<uint4*>(x_big + dst) = big;
-    *reinterpret_cast<uint4*>(x_small + dst) = small;
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      uint4 big, small;
+      split_tf32(v[u][0], big.x, small.x);
+      split_tf32(v[u][1], big.y, small.y);
+      split_tf32(v[u][2], big.z, small.z);
+      split_tf32(v[u][3], big.w, small.w);
+      if (dst[u] >= 0) {
+        *reinterpret_cast<uint4*>(x_big + dst[u]) = big;
+        *reinterpret_cast<uint4*>(x_small + dst[u]) = small;
+      }
+    }
   }
 }
 #endif
@@ -181,9 +197,8 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(128) float smem[];
   float* w_big = smem;
   float* w_small = w_big + s.w_words;
-  float* x_big = w_small + s.w_words;
-  float* x_small = x_big + s.x_words;
-  int* step_b = reinterpret_cast<int*>(x_small + s.x_words);
+  float* x_buf = w_small + s.w_words;  // [2 strips][big, small][x_words]
+  int* step_b = reinterpret_cast<int*>(x_buf + 4 * s.x_words);
 
   // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
   // branch near the wgmmas looks divergent (ptxas would serialize them).
@@ -235,8 +250,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   const uint64_t a_big = wgmma_desc_k_major(w_big, 4 * kCo * 4, 128);
   const uint64_t a_small = wgmma_desc_k_major(w_small, 4 * kCo * 4, 128);
-  const uint64_t b_big = wgmma_desc_k_major(x_big, plane_bytes, 128);
-  const uint64_t b_small = wgmma_desc_k_major(x_small, plane_bytes, 128);
+  const uint64_t b_base = wgmma_desc_k_major(x_buf, plane_bytes, 128);
+  const uint32_t b_term = s.x_words * 4 >> 4;  // big -> small, descriptor units
   constexpr int kAStep = 8 * kCo * 4 >> 4;  // one k-step of W, descriptor units
   const int row_step = s.staged_w;          // one staged row: staged_w*16 bytes
 
@@ -246,18 +261,30 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < 16; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   const bool pair_stores = !kChannelsLast && s.w_out % 2 == 0;
 
-  for (int64_t strip = blockIdx.x; strip < s.strips; strip += gridDim.x) {
+  // Strip coordinates: image n, first output row oh0, first output column ow0.
+  const auto strip_at = [&](int64_t strip, int64_t& n, int& oh0, int& ow0) {
     const int64_t row_tile = strip / s.tiles_w;
-    const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
-    const int64_t n = row_tile / s.strips_h;
-    const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
-    // Every warp retired the previous strip's MMAs (wait_group 0) before its
-    // epilogue; after this barrier none reads the staged rows any more.
-    __syncthreads();
-    stage_strip<kChannelsLast>(x, s, n, oh0 - s.pad_h, ow0 - s.pad_w, x_big, x_small);
-    fence_proxy_async_shared();  // the generic-proxy stores, visible to wgmma
-    __syncthreads();
+    ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
+    n = row_tile / s.strips_h;
+    oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
+  };
+  const auto stage = [&](int64_t strip, int buf) {
+    int64_t n;
+    int oh0, ow0;
+    strip_at(strip, n, oh0, ow0);
+    float* big = x_buf + 2 * buf * s.x_words;
+    stage_strip<kChannelsLast>(x, s, n, oh0 - s.pad_h, ow0 - s.pad_w, big, big + s.x_words);
+  };
+  if (blockIdx.x < s.strips) stage(blockIdx.x, 0);
+  fence_proxy_async_shared();  // the generic-proxy stores, visible to wgmma
+  __syncthreads();
 
+  int buf = 0;
+  for (int64_t strip = blockIdx.x; strip < s.strips; strip += gridDim.x, buf ^= 1) {
+    int64_t n;
+    int oh0, ow0;
+    strip_at(strip, n, oh0, ow0);
+    const uint64_t b_big = b_base + buf * 2 * b_term, b_small = b_big + b_term;
     const int rows = min(s.rows, s.h_out - oh0);
     const int lim = s.w_out - ow0;  // valid pixels of the tile (may exceed 128)
     for (int r = 0; r < rows; ++r) {
@@ -269,6 +296,10 @@ __global__ void __launch_bounds__(kThreads)
         wgmma_tf32_ss_n128(acc, a_small + a_off, b_big + b_off, 1);
       }
       wgmma_commit();
+      // While the first row's MMAs run, stage the next strip into the other
+      // buffer (its last readers, the previous strip's MMAs, were retired by
+      // every warp before the barrier that ended that strip).
+      if (r == 0 && strip + gridDim.x < s.strips) stage(strip + gridDim.x, buf ^ 1);
       wgmma_wait<0>();
       wgmma_fence_accumulators(acc);
       const int oh = oh0 + r;
@@ -346,6 +377,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
+    fence_proxy_async_shared();  // the next strip's staged rows, visible to wgmma
+    __syncthreads();             // and every warp's MMAs on this buffer retired
   }
 
   if constexpr (kStats) {
