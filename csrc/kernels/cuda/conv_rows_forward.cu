@@ -65,6 +65,7 @@ struct RowsShape {
   int x_words;                // one split term of the staged input
   int w_words;                // one split term of the staged weights
   bool vec4;                  // NHWC: 16-byte loads of 4 channels
+  int debug;                  // WIP timing: 1 = stage once, 2 = also no epilogue
 };
 
 // Weights (big, small), then two strip buffers of staged input (big, small):
@@ -299,10 +300,11 @@ __global__ void __launch_bounds__(kThreads)
       // While the first row's MMAs run, stage the next strip into the other
       // buffer (its last readers, the previous strip's MMAs, were retired by
       // every warp before the barrier that ended that strip).
-      if (r == 0 && strip + gridDim.x < s.strips) stage(strip + gridDim.x, buf ^ 1);
+      if (r == 0 && strip + gridDim.x < s.strips && s.debug < 1) stage(strip + gridDim.x, buf ^ 1);
       wgmma_wait<0>();
       wgmma_fence_accumulators(acc);
       const int oh = oh0 + r;
+      if (s.debug >= 2) continue;
 
       if constexpr (kStats) {
         // The row's mean and M2 per channel over its valid pixels (the 4 lanes
@@ -434,6 +436,8 @@ int run_rows(const RowsShape& r, bool channels_last, const at::Tensor& x, const 
 
 RowsShape rows_shape_for(const ConvShape& s, const at::Tensor& x) {
   RowsShape r = make_rows_shape(s, rows_per_strip());
+  const char* dbg = std::getenv("FUSED_CONV_ROWS_DEBUG");
+  r.debug = dbg != nullptr ? std::atoi(dbg) : 0;
   r.vec4 = s.channels_last && s.c_in % 4 == 0 &&
            reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
   return r;
