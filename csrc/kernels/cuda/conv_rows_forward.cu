@@ -129,7 +129,7 @@ __device__ __forceinline__ void stage_strip(const float* __restrict__ x, const R
   // first split (one item at a time would wait out a load latency per item).
   // The loop bounds are warp-uniform: the staging runs between a wgmma commit
   // and its wait, where a divergent branch makes ptxas serialize the MMAs.
-  constexpr int kBatch = 4;
+  constexpr int kBatch = 8;
   for (int base = 0; base < items; base += kBatch * kThreads) {
     float v[kBatch][4];
     int dst[kBatch];
