@@ -132,7 +132,7 @@ ROWS_SHAPES = [
     (2, 8, 20, 130, 64, 3, 1, 0, 1),  # one exact 128-pixel column tile
     (2, 8, 9, 300, 64, 3, 1, 1, 1),  # three column tiles (the last 44), odd H_out
     (3, 3, 11, 67, 16, 3, 1, 1, 1),  # C_in padded to 8, C_out < 64, odd W_out
-    (2, 6, 7, 90, 100, 3, 1, 2, 2),  # two channel blocks, dilation
+    (2, 6, 7, 90, 100, 2, 1, 1, 2),  # two channel blocks, dilation, an even kernel
     (1, 16, 6, 129, 70, 1, 1, 0, 1),  # 1x1, a 1-pixel second column tile
     (2, 16, 5, 100, 24, 1, 1, 1, 1),  # two k-steps per tap, padding all around a 1x1
     (1, 8, 3, 64, 64, 3, 1, 1, 1),  # the narrowest row it takes

@@ -44,10 +44,15 @@ namespace fused_conv::cuda {
 namespace {
 
 constexpr int kThreads = 128;  // one warpgroup
+constexpr int kWarpsPerBlock = kThreads / 32;
+// Words between the rows of a warp's 8 x 32 epilogue tile: = 8 (mod 32), so the
+// 8-byte writes of 8 channels x 4 lanes hit distinct banks per half-warp.
+constexpr int kEpiStride = 40;
 constexpr int kCo = kRowsChannels;
 constexpr int kPix = 128;  // output pixels per MMA (wgmma N)
 constexpr int kMaxKSteps = 32;
-// At most this much shared memory per block: two blocks per multiprocessor.
+// At most this much shared memory per block: two blocks per multiprocessor
+// (the reference problem takes 106 KB).
 constexpr size_t kMaxSmem = 110 * 1024;
 // Output rows per strip: the halo rows are staged (kh-1)*dil_h extra times per
 // strip, and a taller strip costs shared memory, so fewer blocks per SM.
@@ -65,15 +70,15 @@ struct RowsShape {
   int x_words;                // one split term of the staged input
   int w_words;                // one split term of the staged weights
   bool vec4;                  // NHWC: 16-byte loads of 4 channels
-  int debug;                  // WIP timing: 1 = stage once, 2 = also no epilogue
 };
 
 // Weights (big, small), then two strip buffers of staged input (big, small):
-// the next strip is staged while the current one's MMAs run.
+// the next strip is staged while the current one's MMAs run; the k-step table;
+// the NCHW epilogue's per-warp transpose tiles.
 size_t smem_bytes(const RowsShape& r) {
   return (2 * static_cast<size_t>(r.w_words) + 4 * static_cast<size_t>(r.x_words)) *
              sizeof(float) +
-         kMaxKSteps * sizeof(int);
+         kMaxKSteps * sizeof(int) + kWarpsPerBlock * 8 * kEpiStride * sizeof(float);
 }
 
 RowsShape make_rows_shape(const ConvShape& s, int rows) {
@@ -191,7 +196,7 @@ __device__ __forceinline__ void stage_strip(const float* __restrict__ x, const R
 // kStats: per-block (count, mean, M2) of conv(x) per channel into
 // partials[blockIdx.y][gridDim.x][64][3]; else out = a[c]*conv(x) + d[c].
 template <bool kStats, bool kChannelsLast>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     conv_rows_kernel(const float* __restrict__ x, const float* __restrict__ w, RowsShape s,
                      BnFold f, float* __restrict__ out, float* __restrict__ partials) {
 #if FUSED_CONV_WGMMA
@@ -200,6 +205,7 @@ __global__ void __launch_bounds__(kThreads)
   float* w_small = w_big + s.w_words;
   float* x_buf = w_small + s.w_words;  // [2 strips][big, small][x_words]
   int* step_b = reinterpret_cast<int*>(x_buf + 4 * s.x_words);
+  float* epi_buf = reinterpret_cast<float*>(step_b + kMaxKSteps);  // [warp][8][kEpiStride]
 
   // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
   // branch near the wgmmas looks divergent (ptxas would serialize them).
@@ -256,131 +262,196 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kAStep = 8 * kCo * 4 >> 4;  // one k-step of W, descriptor units
   const int row_step = s.staged_w;          // one staged row: staged_w*16 bytes
 
-  float st_n = 0.f, st_mean[2] = {0.f, 0.f}, st_m2[2] = {0.f, 0.f};
-  float acc[16][4];
-#pragma unroll
-  for (int j = 0; j < 16; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  const bool pair_stores = !kChannelsLast && s.w_out % 2 == 0;
-
-  // Strip coordinates: image n, first output row oh0, first output column ow0.
-  const auto strip_at = [&](int64_t strip, int64_t& n, int& oh0, int& ow0) {
+  // Strip coordinates: image n, first output row oh0, first output column ow0,
+  // and its number of output rows (the image's last strip may be shorter).
+  struct StripPos {
+    int64_t n;
+    int oh0, ow0, rows;
+  };
+  const auto strip_at = [&](int64_t strip) {
+    StripPos p;
     const int64_t row_tile = strip / s.tiles_w;
-    ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
-    n = row_tile / s.strips_h;
-    oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
+    p.ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
+    p.n = row_tile / s.strips_h;
+    p.oh0 = static_cast<int>(row_tile - p.n * s.strips_h) * s.rows;
+    p.rows = min(s.rows, s.h_out - p.oh0);
+    return p;
   };
   const auto stage = [&](int64_t strip, int buf) {
-    int64_t n;
-    int oh0, ow0;
-    strip_at(strip, n, oh0, ow0);
+    const StripPos p = strip_at(strip);
     float* big = x_buf + 2 * buf * s.x_words;
-    stage_strip<kChannelsLast>(x, s, n, oh0 - s.pad_h, ow0 - s.pad_w, big, big + s.x_words);
+    stage_strip<kChannelsLast>(x, s, p.n, p.oh0 - s.pad_h, p.ow0 - s.pad_w, big,
+                               big + s.x_words);
   };
-  if (blockIdx.x < s.strips) stage(blockIdx.x, 0);
-  fence_proxy_async_shared();  // the generic-proxy stores, visible to wgmma
-  __syncthreads();
-
-  int buf = 0;
-  for (int64_t strip = blockIdx.x; strip < s.strips; strip += gridDim.x, buf ^= 1) {
-    int64_t n;
-    int oh0, ow0;
-    strip_at(strip, n, oh0, ow0);
+  // One output row's MMA chain (3xTF32: 3 MMAs per k-step) into d, committed.
+  const auto issue = [&](float(&d)[16][4], int buf, int r) {
     const uint64_t b_big = b_base + buf * 2 * b_term, b_small = b_big + b_term;
-    const int rows = min(s.rows, s.h_out - oh0);
-    const int lim = s.w_out - ow0;  // valid pixels of the tile (may exceed 128)
-    for (int r = 0; r < rows; ++r) {
-      wgmma_fence();
-      for (int ks = 0; ks < s.k_steps; ++ks) {
-        const uint32_t b_off = r * row_step + step_b[ks], a_off = ks * kAStep;
-        wgmma_tf32_ss_n128(acc, a_big + a_off, b_big + b_off, ks);
-        wgmma_tf32_ss_n128(acc, a_big + a_off, b_small + b_off, 1);
-        wgmma_tf32_ss_n128(acc, a_small + a_off, b_big + b_off, 1);
-      }
-      wgmma_commit();
-      // While the first row's MMAs run, stage the next strip into the other
-      // buffer (its last readers, the previous strip's MMAs, were retired by
-      // every warp before the barrier that ended that strip).
-      if (r == 0 && strip + gridDim.x < s.strips && s.debug < 1) stage(strip + gridDim.x, buf ^ 1);
-      wgmma_wait<0>();
-      wgmma_fence_accumulators(acc);
-      const int oh = oh0 + r;
-      if (s.debug >= 2) continue;
+    wgmma_fence();
+    for (int ks = 0; ks < s.k_steps; ++ks) {
+      const uint32_t b_off = r * row_step + step_b[ks], a_off = ks * kAStep;
+      wgmma_tf32_ss_n128(d, a_big + a_off, b_big + b_off, ks);
+      wgmma_tf32_ss_n128(d, a_big + a_off, b_small + b_off, 1);
+      wgmma_tf32_ss_n128(d, a_small + a_off, b_big + b_off, 1);
+    }
+    wgmma_commit();
+  };
 
-      if constexpr (kStats) {
-        // The row's mean and M2 per channel over its valid pixels (the 4 lanes
-        // t of a quad share the channels), Chan-merged into the running ones.
-        float cnt = 0.f;
+  float st_n = 0.f, st_mean[2] = {0.f, 0.f}, st_m2[2] = {0.f, 0.f};
+  const bool pair_stores = !kChannelsLast && s.w_out % 2 == 0;
+  float* epi = epi_buf + warp * 8 * kEpiStride;  // this warp's 8 x 32 output staging
+  // Row r of strip p from the retired accumulators d: normalise and store, or
+  // fold into the running statistics.
+  const auto epilogue = [&](float(&d)[16][4], const StripPos& p, int r) {
+    const int oh = p.oh0 + r;
+    const int lim = s.w_out - p.ow0;  // valid pixels of the tile (may exceed 128)
+    if constexpr (kStats) {
+      // The row's mean and M2 per channel over its valid pixels (the 4 lanes t
+      // of a quad share the channels), Chan-merged into the running ones.
+      float cnt = 0.f;
 #pragma unroll
-        for (int j = 0; j < 16; ++j)
-          cnt += (8 * j + 2 * t < lim ? 1.f : 0.f) + (8 * j + 2 * t + 1 < lim ? 1.f : 0.f);
-        cnt += __shfl_xor_sync(0xffffffffu, cnt, 1);
-        cnt += __shfl_xor_sync(0xffffffffu, cnt, 2);
-        const float inv = 1.f / cnt, n_new = st_n + cnt;
-        const float frac = cnt / n_new, cross = st_n * frac;
+      for (int j = 0; j < 16; ++j)
+        cnt += (8 * j + 2 * t < lim ? 1.f : 0.f) + (8 * j + 2 * t + 1 < lim ? 1.f : 0.f);
+      cnt += __shfl_xor_sync(0xffffffffu, cnt, 1);
+      cnt += __shfl_xor_sync(0xffffffffu, cnt, 2);
+      const float inv = 1.f / cnt, n_new = st_n + cnt;
+      const float frac = cnt / n_new, cross = st_n * frac;
 #pragma unroll
-        for (int p = 0; p < 2; ++p) {
-          float sum = 0.f;
+      for (int q = 0; q < 2; ++q) {
+        float sum = 0.f;
 #pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            sum += 8 * j + 2 * t < lim ? acc[j][2 * p] : 0.f;
-            sum += 8 * j + 2 * t + 1 < lim ? acc[j][2 * p + 1] : 0.f;
-          }
-          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-          const float m = sum * inv;
-          float m2 = 0.f;
-#pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            const float d0 = acc[j][2 * p] - m, d1 = acc[j][2 * p + 1] - m;
-            m2 += 8 * j + 2 * t < lim ? d0 * d0 : 0.f;
-            m2 += 8 * j + 2 * t + 1 < lim ? d1 * d1 : 0.f;
-          }
-          m2 += __shfl_xor_sync(0xffffffffu, m2, 1);
-          m2 += __shfl_xor_sync(0xffffffffu, m2, 2);
-          const float delta = m - st_mean[p];
-          st_mean[p] += delta * frac;
-          st_m2[p] += m2 + delta * delta * cross;
+        for (int j = 0; j < 16; ++j) {
+          sum += 8 * j + 2 * t < lim ? d[j][2 * q] : 0.f;
+          sum += 8 * j + 2 * t + 1 < lim ? d[j][2 * q + 1] : 0.f;
         }
-        st_n = n_new;
-      } else {
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float m = sum * inv;
+        float m2 = 0.f;
 #pragma unroll
-        for (int p = 0; p < 2; ++p) {
-          const int c = c0 + 8 * p;
-          if (c >= s.c_out) continue;
-          if constexpr (kChannelsLast) {
-            float* dst = out + ((n * s.h_out + oh) * static_cast<int64_t>(s.w_out) + ow0 + 2 * t) *
-                                   s.c_out + c;
+        for (int j = 0; j < 16; ++j) {
+          const float d0 = d[j][2 * q] - m, d1 = d[j][2 * q + 1] - m;
+          m2 += 8 * j + 2 * t < lim ? d0 * d0 : 0.f;
+          m2 += 8 * j + 2 * t + 1 < lim ? d1 * d1 : 0.f;
+        }
+        m2 += __shfl_xor_sync(0xffffffffu, m2, 1);
+        m2 += __shfl_xor_sync(0xffffffffu, m2, 2);
+        const float delta = m - st_mean[q];
+        st_mean[q] += delta * frac;
+        st_m2[q] += m2 + delta * delta * cross;
+      }
+      st_n = n_new;
+    } else if constexpr (kChannelsLast) {
 #pragma unroll
-            for (int j = 0; j < 16; ++j) {
-              const int px = 8 * j + 2 * t;
-              if (px < lim)
-                __stcs(dst + static_cast<int64_t>(8 * j) * s.c_out,
-                       fmaf(fa[p], acc[j][2 * p], fd[p]));
-              if (px + 1 < lim)
-                __stcs(dst + static_cast<int64_t>(8 * j + 1) * s.c_out,
-                       fmaf(fa[p], acc[j][2 * p + 1], fd[p]));
-            }
-          } else {
-            float* dst = out + ((n * s.c_out + c) * s.h_out + oh) * static_cast<int64_t>(s.w_out) +
-                         ow0 + 2 * t;
+      for (int q = 0; q < 2; ++q) {
+        const int c = c0 + 8 * q;
+        if (c >= s.c_out) continue;
+        float* dst =
+            out + ((p.n * s.h_out + oh) * static_cast<int64_t>(s.w_out) + p.ow0 + 2 * t) * s.c_out +
+            c;
 #pragma unroll
-            for (int j = 0; j < 16; ++j) {
-              const int px = 8 * j + 2 * t;
-              const float v0 = fmaf(fa[p], acc[j][2 * p], fd[p]);
-              const float v1 = fmaf(fa[p], acc[j][2 * p + 1], fd[p]);
-              if (pair_stores && px + 1 < lim) {
-                store_pair(dst + 8 * j, v0, v1);
+        for (int j = 0; j < 16; ++j) {
+          const int px = 8 * j + 2 * t;
+          if (px < lim)
+            __stcs(dst + static_cast<int64_t>(8 * j) * s.c_out, fmaf(fa[q], d[j][2 * q], fd[q]));
+          if (px + 1 < lim)
+            __stcs(dst + static_cast<int64_t>(8 * j + 1) * s.c_out,
+                   fmaf(fa[q], d[j][2 * q + 1], fd[q]));
+        }
+      }
+    } else {
+      // NCHW through shared memory, 8 channels x 32 pixels at a time: a quad
+      // holds 8 pixels of a channel per register pair, so direct stores would
+      // write 8 channel rows x 32 bytes per instruction; after the transpose a
+      // warp writes 2 channel rows x 128 contiguous bytes.
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int row_c0 = c_base + 16 * warp + 8 * q;  // channel of staging row 0
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+#pragma unroll
+          for (int jj = 0; jj < 4; ++jj) {
+            const int j = 4 * k + jj;
+            *reinterpret_cast<float2*>(epi + g * kEpiStride + 8 * jj + 2 * t) =
+                make_float2(fmaf(fa[q], d[j][2 * q], fd[q]), fmaf(fa[q], d[j][2 * q + 1], fd[q]));
+          }
+          __syncwarp();
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int row = 2 * i + (lane >> 4), px = 2 * (lane & 15), c = row_c0 + row;
+            const float2 v = *reinterpret_cast<const float2*>(epi + row * kEpiStride + px);
+            const int gp = 32 * k + px;  // pixel within the tile
+            if (c < s.c_out) {
+              float* dst = out + ((p.n * s.c_out + c) * s.h_out + oh) * static_cast<int64_t>(s.w_out) +
+                           p.ow0 + gp;
+              if (pair_stores && gp + 1 < lim) {
+                store_pair(dst, v.x, v.y);
               } else {
-                if (px < lim) __stcs(dst + 8 * j, v0);
-                if (px + 1 < lim) __stcs(dst + 8 * j + 1, v1);
+                if (gp < lim) __stcs(dst, v.x);
+                if (gp + 1 < lim) __stcs(dst + 1, v.y);
               }
             }
           }
+          __syncwarp();
         }
       }
     }
-    fence_proxy_async_shared();  // the next strip's staged rows, visible to wgmma
-    __syncthreads();             // and every warp's MMAs on this buffer retired
+  };
+
+  // Software pipeline over this block's rows (strips blockIdx.x, + gridDim.x,
+  // ...; strip j's staged input in buffer j % 2): the next row's MMAs are
+  // issued before the current row's epilogue, into the other accumulator set,
+  // so the epilogue runs under them. A strip is staged while the strip before
+  // it computes, right after that one's first MMAs were issued.
+  // Not initialised: a row's first MMA has scale-d = 0 (ks == 0), and zeroing
+  // instructions near the pipeline would make ptxas serialize the MMAs.
+  float acc0[16][4], acc1[16][4];
+  const int64_t step = gridDim.x;
+  int64_t strip = blockIdx.x;
+  if (strip < s.strips) {
+    stage(strip, 0);
+    if (strip + step < s.strips) stage(strip + step, 1);
+  }
+  fence_proxy_async_shared();  // the generic-proxy stores, visible to wgmma
+  __syncthreads();
+  if (strip < s.strips) {
+    StripPos cur = strip_at(strip);
+    int r = 0, buf = 0;
+    issue(acc0, 0, 0);
+    // One row: issue the next row into `next`, retire `now`, run its epilogue.
+    // Returns false after the block's last row.
+    const auto advance = [&](float(&now)[16][4], float(&next)[16][4]) {
+      const bool last_in_strip = r + 1 == cur.rows;
+      const int64_t next_strip = last_in_strip ? strip + step : strip;
+      const bool more = next_strip < s.strips;
+      if (more) {
+        if (last_in_strip) {
+          fence_proxy_async_shared();  // the next strip's staging (every thread's)
+          __syncthreads();
+        }
+        issue(next, last_in_strip ? buf ^ 1 : buf, last_in_strip ? 0 : r + 1);
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
+      wgmma_fence_accumulators(now);
+      epilogue(now, cur, r);
+      if (!more) return false;
+      if (last_in_strip) {
+        // Every warp has retired this strip's MMAs: its buffer takes the strip
+        // after the next one, staged under the next strip's first MMAs.
+        __syncthreads();
+        if (next_strip + step < s.strips) stage(next_strip + step, buf);
+        strip = next_strip;
+        cur = strip_at(strip);
+        buf ^= 1;
+        r = 0;
+      } else {
+        ++r;
+      }
+      return true;
+    };
+    while (advance(acc0, acc1) && advance(acc1, acc0)) {
+    }
   }
 
   if constexpr (kStats) {
@@ -436,8 +507,6 @@ int run_rows(const RowsShape& r, bool channels_last, const at::Tensor& x, const 
 
 RowsShape rows_shape_for(const ConvShape& s, const at::Tensor& x) {
   RowsShape r = make_rows_shape(s, rows_per_strip());
-  const char* dbg = std::getenv("FUSED_CONV_ROWS_DEBUG");
-  r.debug = dbg != nullptr ? std::atoi(dbg) : 0;
   r.vec4 = s.channels_last && s.c_in % 4 == 0 &&
            reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
   return r;
