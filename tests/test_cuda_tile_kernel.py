@@ -116,7 +116,7 @@ def test_sanitize_tile_kernel_matches_reference(shape, training, channels_last, 
 
 
 def rows_kernel_covers(x, w, stride, padding, dilation) -> bool:
-    return fused_conv._C.cuda_rows_forward_supports(
+    return fused_conv._C.cuda_rows_stats_supports(
         x, w, [stride] * 2, [padding] * 2, [dilation] * 2, 1
     )
 
@@ -145,8 +145,8 @@ ROWS_SHAPES = [
 @pytest.mark.parametrize("shape", ROWS_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_sanitize_rows_kernel_matches_reference(shape, training, channels_last, kernel,
                                                 monkeypatch):  # fmt: skip
-    # The Hopper row kernel (conv_rows_forward.cu) where it applies, and the tile kernel
-    # on the same shapes (FUSED_CONV_FORWARD_KERNEL=tile).
+    # Training: the statistics pass on the Hopper row kernel (conv_rows_stats.cu) where it
+    # applies, and on the tile kernel for the same shapes (FUSED_CONV_FORWARD_KERNEL=tile).
     if kernel == "tile":
         monkeypatch.setenv("FUSED_CONV_FORWARD_KERNEL", "tile")
     n, c_in, h, w, c_out, k, stride, padding, dilation = shape

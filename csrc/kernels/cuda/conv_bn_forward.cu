@@ -1,12 +1,11 @@
 // Host side of the fused CUDA forwards: which configurations the tile kernel
 // covers, launch geometry, and the eval / training pipelines.
 //
-//   eval : one launch of the tile kernel (or, for float32 stride-1 shapes on
-//          Hopper, the row kernel: conv_rows_forward.h); the BN + scale fold
-//          happens in its prologue from the running statistics (no host sync,
-//          no extra launch).
+//   eval : one launch of the tile kernel; the BN + scale fold happens in its
+//          prologue from the running statistics (no host sync, no extra launch).
 //   train: statistics pass (the tile kernel recomputing the conv without
-//          writing it, per-block Chan summaries) -> finalize (one warp per
+//          writing it, or for float32 stride-1 shapes on Hopper the row kernel:
+//          conv_rows_stats.h; per-block Chan summaries) -> finalize (one warp per
 //          channel merges the summaries in a fixed order: deterministic) ->
 //          the eval-style pass with the batch statistics.
 #include "kernels/cuda/conv_bn_forward.h"
@@ -16,7 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "kernels/cuda/conv_rows_forward.h"
+#include "kernels/cuda/conv_rows_stats.h"
 #include "kernels/cuda/tile_launch.cuh"
 
 namespace fused_conv::cuda {
@@ -90,12 +89,12 @@ bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight,
   return make_tile_shape(input, weight, stride, padding, dilation, groups).has_value();
 }
 
-bool rows_forward_supports(const at::Tensor& input, const at::Tensor& weight,
+bool rows_stats_supports(const at::Tensor& input, const at::Tensor& weight,
                            at::IntArrayRef stride, at::IntArrayRef padding,
                            at::IntArrayRef dilation, int64_t groups) {
   const auto shape = make_tile_shape(input, weight, stride, padding, dilation, groups);
   return shape.has_value() && input.is_cuda() &&
-         conv_rows_supports(*shape, input.scalar_type(), input.get_device());
+         conv_rows_stats_supports(*shape, input.scalar_type(), input.get_device());
 }
 
 at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
@@ -116,12 +115,8 @@ at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor mean = running_mean.to(at::kFloat).contiguous();
   const at::Tensor var = running_var.to(at::kFloat).contiguous();
   at::Tensor out = empty_output(input, s);
-  const BnFold fold = params.fold(mean, var, false, eps, scale);
-  if (conv_rows_supports(s, x.scalar_type(), input.get_device())) {
-    conv_rows_apply(s, x, w, fold, out);
-  } else {
-    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
-  }
+  run_tile_kernel<TileMode::kApply>(s, x, w, params.fold(mean, var, false, eps, scale), GradTerms{},
+                                   out, nullptr);
   return out;
 }
 
@@ -141,12 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
   at::Tensor mean = at::empty({s.c_out}, stats_options);
   at::Tensor invstd = at::empty({s.c_out}, stats_options);
 
-  const bool rows = conv_rows_supports(s, x.scalar_type(), input.get_device());
-
   // Pass 1: statistics (per-block summaries; the grid fixes the merge order).
   at::Tensor partials;
   int grid_x = 0, bn = 0;
-  if (rows) {
+  if (conv_rows_stats_supports(s, x.scalar_type(), input.get_device())) {
     std::tie(partials, grid_x) = conv_rows_stats(s, x, w);
     bn = kRowsChannels;
   } else {
@@ -167,12 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
 
   // Pass 3: normalise with the batch statistics.
   at::Tensor out = empty_output(input, s);
-  const BnFold fold = params.fold(mean, invstd, true, eps, scale);
-  if (rows) {
-    conv_rows_apply(s, x, w, fold, out);
-  } else {
-    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
-  }
+  run_tile_kernel<TileMode::kApply>(s, x, w, params.fold(mean, invstd, true, eps, scale),
+                                   GradTerms{}, out, nullptr);
   return {out, mean, invstd};
 }
 
