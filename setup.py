@@ -196,6 +196,10 @@ if WITH_CUDA:
     )
 cxx_flags = ["-O3", f"-std={CXX_STD}"] + [string_macro(k, v) for k, v in macros.items()]
 nvcc_flags = ["-O3", "-lineinfo", f"-std={CXX_STD}"]  # no fast-math: fp32 accuracy matters
+# Kernels with sm_90a-only instructions (wgmma) are selected at run time only when the
+# build has sm_90a code: their host side reads this macro.
+if WITH_CUDA and "9.0a" in re.split(r"[;\s]+", ARCH_LIST.replace("+PTX", "")):
+    nvcc_flags.append("-DFUSED_CONV_BUILT_SM90A")
 # at::parallel_for (the CPU kernels' per-channel loops) runs in parallel only in code built
 # with OpenMP, as libtorch is; at run time the extension shares torch's libgomp.
 link_flags: list[str] = []

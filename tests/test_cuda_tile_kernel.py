@@ -115,6 +115,56 @@ def test_sanitize_tile_kernel_matches_reference(shape, training, channels_last, 
           dilation=dilation, channels_last=channels_last)  # fmt: skip
 
 
+def rows_kernel_covers(x, w, stride, padding, dilation) -> bool:
+    return fused_conv._C.cuda_rows_stats_supports(
+        x, w, [stride] * 2, [padding] * 2, [dilation] * 2, 1
+    )
+
+
+def hopper_with_sm90a() -> bool:
+    info = fused_conv._C.build_info()
+    arch = (info.get("arch_list") or "").replace("+PTX", "").replace(";", " ").split()
+    return torch.cuda.get_device_capability()[0] == 9 and "9.0a" in arch
+
+
+ROWS_SHAPES = [
+    # n, c_in, h, w, c_out, k, stride, padding, dilation (stride 1, W_out >= 64)
+    (2, 8, 20, 130, 64, 3, 1, 0, 1),  # one exact 128-pixel column tile
+    (2, 8, 9, 300, 64, 3, 1, 1, 1),  # three column tiles (the last 44), odd H_out
+    (3, 3, 11, 67, 16, 3, 1, 1, 1),  # C_in padded to 8, C_out < 64, odd W_out
+    (2, 6, 7, 90, 100, 2, 1, 1, 2),  # two channel blocks, dilation, an even kernel
+    (1, 16, 6, 129, 70, 1, 1, 0, 1),  # 1x1, a 1-pixel second column tile
+    (2, 16, 5, 100, 24, 1, 1, 1, 1),  # two k-steps per tap, padding all around a 1x1
+    (1, 8, 3, 64, 64, 3, 1, 1, 1),  # the narrowest row it takes
+]
+
+
+@pytest.mark.parametrize("kernel", ["rows", "tile"], ids=["on_rows", "on_tile"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("shape", ROWS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sanitize_rows_kernel_matches_reference(shape, training, channels_last, kernel,
+                                                monkeypatch):  # fmt: skip
+    # Training: the statistics pass on the Hopper row kernel (conv_rows_stats.cu) where it
+    # applies, and on the tile kernel for the same shapes (FUSED_CONV_FORWARD_KERNEL=tile).
+    if kernel == "tile":
+        monkeypatch.setenv("FUSED_CONV_FORWARD_KERNEL", "tile")
+    n, c_in, h, w, c_out, k, stride, padding, dilation = shape
+    x, weight, p = make(n, c_in, h, w, c_out, k, channels_last=channels_last,
+                        seed=hash(shape) % 1000 + 7)  # fmt: skip
+    covered = rows_kernel_covers(x, weight, stride, padding, dilation)
+    assert covered == (kernel == "rows" and hopper_with_sm90a())
+    check(x, weight, p, training=training, dtype=torch.float32, stride=stride, padding=padding,
+          dilation=dilation, channels_last=channels_last)  # fmt: skip
+
+
+def test_rows_kernel_is_not_taken_outside_its_reach():
+    x, weight, _ = make(1, 8, 40, 70, 16, 3)
+    assert not rows_kernel_covers(x, weight, 2, 1, 1)  # stride 2
+    assert not rows_kernel_covers(x[..., :60], weight, 1, 0, 1)  # W_out = 58 < 64
+    assert not rows_kernel_covers(x.half(), weight.half(), 1, 1, 1)  # float16
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_sanitize_affine_off_bias_off(training):
     x, weight, p = make(2, 6, 20, 35, 40, 3, bias=False, affine=False)
@@ -140,12 +190,13 @@ def test_outside_the_tile_kernel_falls_back_correctly(c_in, k, groups):
         torch.testing.assert_close(out.double(), 2 * ref, atol=1e-4, rtol=1e-4)
 
 
-def test_sanitize_non_default_stream_and_poisoned_output():
-    x, weight, p = make(2, 8, 21, 40, 64, 3)
+@pytest.mark.parametrize("width", [40, 130], ids=["tile-kernel", "rows-kernel"])
+def test_sanitize_non_default_stream_and_poisoned_output(width):
+    x, weight, p = make(2, 8, 21, width, 64, 3)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        poison = torch.full((2, 64, 19, 38), float("nan"), device=CUDA)
+        poison = torch.full((2, 64, 19, width - 2), float("nan"), device=CUDA)
         del poison  # its block is reused for the output: every element must be overwritten
         out, _, _ = run(x, weight, p, training=True)
     torch.cuda.current_stream().wait_stream(stream)
@@ -154,19 +205,21 @@ def test_sanitize_non_default_stream_and_poisoned_output():
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_training_statistics_are_bitwise_reproducible():
-    x, weight, p = make(8, 8, 64, 64, 64, 3)
+@pytest.mark.parametrize("width", [64, 130], ids=["tile-kernel", "rows-kernel"])
+def test_training_statistics_are_bitwise_reproducible(width):
+    x, weight, p = make(8, 8, 64, width, 64, 3)
     first = run(x, weight, p, training=True)
     second = run(x, weight, p, training=True)
     for a, b in zip(first, second, strict=False):
         assert torch.equal(a, b)
 
 
-def test_large_offset_input_keeps_variance_accurate():
+@pytest.mark.parametrize("width", [40, 130], ids=["tile-kernel", "rows-kernel"])
+def test_large_offset_input_keeps_variance_accurate(width):
     # mean >> std: a naive fp32 E[y^2] - E[y]^2 would lose the variance to cancellation
     # (relative error ~ (mean/std)^2 * 1e-7 ~ 0.1 here). The output itself is only as
     # accurate as fp32 allows for values of size |mean| (~1e-7 * 1000 / std).
-    x, weight, p = make(4, 8, 40, 40, 32, 3, offset=1000.0)
+    x, weight, p = make(4, 8, 40, width, 32, 3, offset=1000.0)
     out, mean, invstd = run(x, weight, p, training=True)
     ref, ref_mean, ref_var = reference(x, weight, p, training=True, scale=2.0, stride=1,
                                        padding=0, dilation=1)  # fmt: skip

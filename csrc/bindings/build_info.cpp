@@ -90,6 +90,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the CUDA forwards take the tensor-core tile kernel for this configuration "
         "(else the ATen fallback); arguments as the ops': input, weight, stride, padding, "
         "dilation, groups.");
+  m.def("cuda_rows_stats_supports", &fused_conv::cuda::rows_stats_supports,
+        "Whether the training forward's statistics pass takes the Hopper row kernel (float32, "
+        "stride 1, W_out >= 64, an sm_90a build on a compute capability 9 GPU) rather than the "
+        "tile kernel; arguments as cuda_tile_kernel_supports.");
   m.def("cuda_grad_input_tile_supports", &fused_conv::cuda::grad_input_tile_supports,
         "Whether the CUDA backward computes grad_input on the tile kernel for this "
         "configuration (else cuDNN); arguments as cuda_tile_kernel_supports.");

@@ -4,7 +4,8 @@
 //   eval : one launch of the tile kernel; the BN + scale fold happens in its
 //          prologue from the running statistics (no host sync, no extra launch).
 //   train: statistics pass (the tile kernel recomputing the conv without
-//          writing it, per-block Chan summaries) -> finalize (one warp per
+//          writing it, or for float32 stride-1 shapes on Hopper the row kernel:
+//          conv_rows_stats.h; per-block Chan summaries) -> finalize (one warp per
 //          channel merges the summaries in a fixed order: deterministic) ->
 //          the eval-style pass with the batch statistics.
 #include "kernels/cuda/conv_bn_forward.h"
@@ -14,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "kernels/cuda/conv_rows_stats.h"
 #include "kernels/cuda/tile_launch.cuh"
 
 namespace fused_conv::cuda {
@@ -87,6 +89,14 @@ bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight,
   return make_tile_shape(input, weight, stride, padding, dilation, groups).has_value();
 }
 
+bool rows_stats_supports(const at::Tensor& input, const at::Tensor& weight,
+                           at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups) {
+  const auto shape = make_tile_shape(input, weight, stride, padding, dilation, groups);
+  return shape.has_value() && input.is_cuda() &&
+         conv_rows_stats_supports(*shape, input.scalar_type(), input.get_device());
+}
+
 at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& bn_weight,
@@ -127,17 +137,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
   at::Tensor invstd = at::empty({s.c_out}, stats_options);
 
   // Pass 1: statistics (per-block summaries; the grid fixes the merge order).
-  const int bn = 8 * n_tiles_for(s.c_out);
-  at::Tensor partials = reduction_partials(s, input);
-  const Launch stats = run_tile_kernel<TileMode::kStats>(
-      s, x, w, BnFold{}, GradTerms{}, at::Tensor(), partials.mutable_data_ptr<float>());
+  at::Tensor partials;
+  int grid_x = 0, bn = 0;
+  if (conv_rows_stats_supports(s, x.scalar_type(), input.get_device())) {
+    std::tie(partials, grid_x) = conv_rows_stats(s, x, w);
+    bn = kRowsChannels;
+  } else {
+    bn = 8 * n_tiles_for(s.c_out);
+    partials = reduction_partials(s, input);
+    grid_x = static_cast<int>(run_tile_kernel<TileMode::kStats>(s, x, w, BnFold{}, GradTerms{},
+                                                                at::Tensor(),
+                                                                partials.mutable_data_ptr<float>())
+                                  .grid.x);
+  }
 
   // Pass 2: merge the per-block summaries into mean / invstd.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   finalize_stats_kernel<<<static_cast<unsigned>(s.c_out), 32, 0, stream>>>(
-      partials.const_data_ptr<float>(), static_cast<int>(stats.grid.x), bn, s.c_out,
-      ptr_or_null(params.bias), static_cast<float>(eps), mean.mutable_data_ptr<float>(),
-      invstd.mutable_data_ptr<float>());
+      partials.const_data_ptr<float>(), grid_x, bn, s.c_out, ptr_or_null(params.bias),
+      static_cast<float>(eps), mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Pass 3: normalise with the batch statistics.

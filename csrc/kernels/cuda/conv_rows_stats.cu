@@ -1,0 +1,402 @@
+// The training forward's statistics pass as one warpgroup MMA chain per output
+// row, both operands in shared memory (Hopper, sm_90a; float32, stride 1).
+//
+// GEMM per output row oh and 128-pixel column tile:
+//   D(64 output channels x 128 pixels) = W(64 x K) * X(K x 128),
+//   K = (tap t = r*kw + q, input channel ci), one k-step = 8 channels of a tap.
+// wgmma reads float32 (TF32) operands from shared memory only K-major, in core
+// matrices of 8 rows x 16 bytes (4 values of K) that are 128 contiguous bytes.
+// The kernel stages the input as planes of 4 channels, [plane][row][column][4],
+// so the core matrix (tap (r, q), channels 4p..4p+3, pixels j..j+7) is the 128
+// bytes at (plane p, staged row oh - oh0 + r*dil_h, column j + q*dil_w): another
+// tap is another start address of the same descriptor. No im2col is built, the
+// MMAs gather nothing, and each input element is split into TF32 big/small
+// halves once per strip (the tile kernel splits each gathered element per tap).
+// The two k-halves of a k-step are planes 2p and 2p+1 (leading byte offset =
+// one plane), consecutive 8-pixel groups 128 bytes apart (stride byte offset).
+// W is staged the same way: [k-step][k-half][channel][4].
+//
+// 3xTF32: D += Wb*Xb + Wb*Xs + Ws*Xb (tf32_mma.cuh): 3 MMAs per k-step, 27 for
+// the reference problem's 3x3 x 8 channels, issued back to back.
+//
+// A block is one warpgroup, persistent over strips of `rows` output rows of one
+// image and one column tile (strips blockIdx.x, + gridDim.x, ...). The strip's
+// input rows (with halo) arrive raw, in the plane layout, through a 2-deep
+// cp.async ring two strips ahead; all threads split them into the big/small
+// planes (one 16-byte load and two 16-byte stores per 4 channels), then per
+// output row the warpgroup issues the MMA chain, waits, and folds the row into
+// per-channel Chan statistics. Two blocks share a multiprocessor, so one's
+// split and epilogue run under the other's MMAs.
+#include "kernels/cuda/conv_rows_stats.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/cuda/tf32_mma.cuh"
+#include "kernels/cuda/tile_launch.cuh"
+#include "kernels/cuda/wgmma_tf32.cuh"
+
+namespace fused_conv::cuda {
+namespace {
+
+constexpr int kThreads = 128;  // one warpgroup
+constexpr int kCo = kRowsChannels;
+constexpr int kPix = 128;  // output pixels per MMA (wgmma N)
+constexpr int kMaxKSteps = 32;
+// At most this much shared memory per block: two blocks per multiprocessor
+// (the reference problem takes 104 KB).
+constexpr size_t kMaxSmem = 110 * 1024;
+// Output rows per strip: the halo rows are staged (kh-1)*dil_h extra times per
+// strip, and a taller strip costs shared memory, so fewer blocks per SM.
+constexpr int kDefaultRows = 2;
+constexpr int kMinWidth = 64;  // narrower rows waste most of the 128-pixel MMA
+
+struct RowsShape {
+  int64_t n, strips;
+  int c_in, h, w, c_out, h_out, w_out;
+  int kh, kw, pad_h, pad_w, dil_h, dil_w;
+  int pairs;    // ceil(C_in / 8): k-steps per tap
+  int k_steps;  // kh*kw*pairs
+  int rows, strips_h, tiles_w;
+  int staged_rows, staged_w;  // rows + (kh-1)*dil_h; 128 + (kw-1)*dil_w
+  int items;                  // 4-channel items of a strip: 2*pairs*staged_rows*staged_w
+  int x_words;                // 4*items: one staged strip (raw, big or small)
+  int w_words;                // one split term of the staged weights
+  bool vec4;                  // NHWC: 16-byte copies of 4 channels
+};
+
+// Weights (big, small), the split strip (big, small), the raw ring (2 strips),
+// the k-step table.
+size_t smem_bytes(const RowsShape& r) {
+  return (2 * static_cast<size_t>(r.w_words) + 4 * static_cast<size_t>(r.x_words)) *
+             sizeof(float) +
+         kMaxKSteps * sizeof(int);
+}
+
+RowsShape make_rows_shape(const ConvShape& s, int rows) {
+  RowsShape r{};
+  r.n = s.n;
+  r.c_in = s.c_in;
+  r.h = s.h;
+  r.w = s.w;
+  r.c_out = s.c_out;
+  r.h_out = s.h_out;
+  r.w_out = s.w_out;
+  r.kh = s.kh;
+  r.kw = s.kw;
+  r.pad_h = s.pad_h;
+  r.pad_w = s.pad_w;
+  r.dil_h = s.dil_h;
+  r.dil_w = s.dil_w;
+  r.pairs = (s.c_in + 7) / 8;
+  r.k_steps = s.kh * s.kw * r.pairs;
+  r.rows = rows;
+  r.strips_h = (s.h_out + rows - 1) / rows;
+  r.tiles_w = (s.w_out + kPix - 1) / kPix;
+  r.strips = s.n * r.strips_h * r.tiles_w;
+  r.staged_rows = rows + (s.kh - 1) * s.dil_h;
+  r.staged_w = kPix + (s.kw - 1) * s.dil_w;
+  r.items = 2 * r.pairs * r.staged_rows * r.staged_w;
+  r.x_words = 4 * r.items;
+  r.w_words = r.k_steps * 8 * kCo;
+  return r;
+}
+
+int rows_per_strip() {
+  const char* v = std::getenv("FUSED_CONV_ROWS_PER_STRIP");
+  const int rows = v != nullptr ? std::atoi(v) : 0;
+  return rows >= 1 && rows <= 16 ? rows : kDefaultRows;
+}
+
+#if FUSED_CONV_WGMMA
+// Issues the copies of one strip's input rows ih0.. and columns iw0.. of image
+// n into `raw` in the plane layout [plane][row][column][4 channels] (zeros
+// outside the image and past C_in: cp.async's zero fill). Item i = 4 channels
+// of one (row, column); NCHW: consecutive threads take consecutive columns (4
+// coalesced 4-byte copies each), NHWC: consecutive planes of a pixel, then
+// pixels (one 16-byte copy where the channels allow it).
+template <bool kChannelsLast>
+__device__ __forceinline__ void copy_strip(const float* __restrict__ x, const RowsShape& s,
+                                           int64_t n, int ih0, int iw0, float* raw) {
+  const int planes = 2 * s.pairs;
+  const float* img = x + n * (static_cast<int64_t>(s.c_in) * s.h * s.w);
+  const int plane_in = s.h * s.w;
+  for (int i = threadIdx.x; i < s.items; i += kThreads) {
+    int pl, sr, px;
+    if constexpr (kChannelsLast) {
+      pl = i % planes;
+      const int rest = i / planes;
+      px = rest % s.staged_w;
+      sr = rest / s.staged_w;
+    } else {
+      px = i % s.staged_w;
+      const int rest = i / s.staged_w;
+      sr = rest % s.staged_rows;
+      pl = rest / s.staged_rows;
+    }
+    const int ih = ih0 + sr, iw = iw0 + px, c0 = 4 * pl;
+    const bool inside = static_cast<unsigned>(ih) < static_cast<unsigned>(s.h) &&
+                        static_cast<unsigned>(iw) < static_cast<unsigned>(s.w);
+    float* dst = raw + ((pl * s.staged_rows + sr) * s.staged_w + px) * 4;
+    if constexpr (kChannelsLast) {
+      const float* src =
+          inside ? img + (static_cast<int64_t>(ih) * s.w + iw) * s.c_in + c0 : img;
+      if (s.vec4) {
+        cp_async_vec<4>(dst, src, inside && c0 < s.c_in);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool ok = inside && c0 + e < s.c_in;
+          cp_async_f32(dst + e, ok ? src + e : img, ok);
+        }
+      }
+    } else {
+      const float* src = inside ? img + static_cast<int64_t>(c0) * plane_in + ih * s.w + iw : img;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = inside && c0 + e < s.c_in;
+        cp_async_f32(dst + e, ok ? src + static_cast<int64_t>(e) * plane_in : img, ok);
+      }
+    }
+  }
+}
+#endif
+
+// Per-block (count, mean, M2) of conv(x) per channel into
+// partials[blockIdx.y][gridDim.x][64][3].
+template <bool kChannelsLast>
+__global__ void __launch_bounds__(kThreads)
+    conv_rows_stats_kernel(const float* __restrict__ x, const float* __restrict__ w, RowsShape s,
+                           float* __restrict__ partials) {
+#if FUSED_CONV_WGMMA
+  extern __shared__ __align__(128) float smem[];
+  float* w_big = smem;
+  float* w_small = w_big + s.w_words;
+  float* x_big = w_small + s.w_words;
+  float* x_small = x_big + s.x_words;
+  float* raw_ring = x_small + s.x_words;  // [2][x_words]
+  int* step_b = reinterpret_cast<int*>(raw_ring + 2 * s.x_words);
+
+  // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
+  // branch near the wgmmas looks divergent (ptxas would serialize them).
+  const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0);
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int c_base = blockIdx.y * kCo;
+  const int taps = s.kh * s.kw;
+  const int64_t step = gridDim.x;
+
+  const auto copy = [&](int64_t strip, float* raw) {
+    const int64_t row_tile = strip / s.tiles_w;
+    const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
+    const int64_t n = row_tile / s.strips_h;
+    const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
+    copy_strip<kChannelsLast>(x, s, n, oh0 - s.pad_h, ow0 - s.pad_w, raw);
+  };
+  // The first two strips' copies fly while the weights are split. One commit
+  // per strip slot, empty or not, keeps the group count uniform.
+  if (blockIdx.x < s.strips) copy(blockIdx.x, raw_ring);
+  cp_async_commit();
+  if (blockIdx.x + step < s.strips) copy(blockIdx.x + step, raw_ring + s.x_words);
+  cp_async_commit();
+
+  // Weights split into TF32 halves, word (ks, k-half kc, channel co, e): the
+  // k-step's core matrices of 8 channels 128 bytes apart, k-halves 1 KB apart.
+  for (int i = threadIdx.x; i < s.w_words; i += kThreads) {
+    const int ks = i / (8 * kCo), kc = (i / (4 * kCo)) & 1, co = (i >> 2) & (kCo - 1), e = i & 3;
+    const int tap = ks / s.pairs, ci = (ks - tap * s.pairs) * 8 + kc * 4 + e, c = c_base + co;
+    const float v =
+        ci < s.c_in && c < s.c_out ? w[(static_cast<int64_t>(c) * s.c_in + ci) * taps + tap] : 0.f;
+    uint32_t big, small;
+    split_tf32(v, big, small);
+    w_big[i] = __uint_as_float(big);
+    w_small[i] = __uint_as_float(small);
+  }
+  // Per k-step, the X start (in 16-byte descriptor units) relative to the
+  // output row's: plane 2*pp, staged row r*dil_h, column q*dil_w.
+  const int plane_bytes = s.staged_rows * s.staged_w * 16;
+  if (threadIdx.x < s.k_steps) {
+    const int ks = threadIdx.x, tap = ks / s.pairs, pp = ks - tap * s.pairs;
+    const int r = tap / s.kw, q = tap - r * s.kw;
+    step_b[ks] = (2 * pp * plane_bytes + (r * s.dil_h * s.staged_w + q * s.dil_w) * 16) >> 4;
+  }
+
+  const uint64_t a_big = wgmma_desc_k_major(w_big, 4 * kCo * 4, 128);
+  const uint64_t a_small = wgmma_desc_k_major(w_small, 4 * kCo * 4, 128);
+  const uint64_t b_big = wgmma_desc_k_major(x_big, plane_bytes, 128);
+  const uint64_t b_small = wgmma_desc_k_major(x_small, plane_bytes, 128);
+  constexpr int kAStep = 8 * kCo * 4 >> 4;  // one k-step of W, descriptor units
+  const int row_step = s.staged_w;          // one staged row: staged_w*16 bytes
+
+  // Running (count, mean, M2) of this thread's channels c_base + 16*warp + g
+  // (accumulators d[j][0..1]) and + 8 (d[j][2..3]); pixels 8j + 2t (+1).
+  float st_n = 0.f, st_mean[2] = {0.f, 0.f}, st_m2[2] = {0.f, 0.f};
+  // Not initialised: a row's first MMA has scale-d = 0 (ks == 0), and zeroing
+  // instructions near the MMAs would make ptxas serialize them (C7515).
+  float acc[16][4];
+
+  int slot = 0;
+  for (int64_t strip = blockIdx.x; strip < s.strips; strip += step, slot ^= 1) {
+    const int64_t row_tile = strip / s.tiles_w;
+    const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
+    const int oh0 = static_cast<int>(row_tile % s.strips_h) * s.rows;
+    float* raw = raw_ring + slot * s.x_words;
+    // This strip's copies (all but the newest group) have landed for this
+    // thread; the barrier makes everyone's visible, and every warp has retired
+    // the previous strip's MMAs (wait_group 0 per row), so the planes are free.
+    cp_async_wait<1>();
+    __syncthreads();
+    for (int i = threadIdx.x; i < s.items; i += kThreads) {
+      const float4 v = reinterpret_cast<const float4*>(raw)[i];
+      uint4 big, small;
+      split_tf32(v.x, big.x, small.x);
+      split_tf32(v.y, big.y, small.y);
+      split_tf32(v.z, big.z, small.z);
+      split_tf32(v.w, big.w, small.w);
+      reinterpret_cast<uint4*>(x_big)[i] = big;
+      reinterpret_cast<uint4*>(x_small)[i] = small;
+    }
+    fence_proxy_async_shared();  // the split planes, visible to wgmma
+    __syncthreads();             // ... and this raw slot free for the strip after next
+    if (strip + 2 * step < s.strips) copy(strip + 2 * step, raw);
+    cp_async_commit();
+
+    const int rows = min(s.rows, s.h_out - oh0);
+    const int lim = s.w_out - ow0;  // valid pixels of the tile (may exceed 128)
+    for (int r = 0; r < rows; ++r) {
+      wgmma_fence();
+      for (int ks = 0; ks < s.k_steps; ++ks) {
+        const uint32_t b_off = r * row_step + step_b[ks], a_off = ks * kAStep;
+        wgmma_tf32_ss_n128(acc, a_big + a_off, b_big + b_off, ks);
+        wgmma_tf32_ss_n128(acc, a_big + a_off, b_small + b_off, 1);
+        wgmma_tf32_ss_n128(acc, a_small + a_off, b_big + b_off, 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_accumulators(acc);
+
+      // The row's mean and M2 per channel over its valid pixels (the 4 lanes t
+      // of a quad share the channels), Chan-merged into the running ones.
+      float cnt = 0.f;
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+        cnt += (8 * j + 2 * t < lim ? 1.f : 0.f) + (8 * j + 2 * t + 1 < lim ? 1.f : 0.f);
+      cnt += __shfl_xor_sync(0xffffffffu, cnt, 1);
+      cnt += __shfl_xor_sync(0xffffffffu, cnt, 2);
+      const float inv = 1.f / cnt, n_new = st_n + cnt;
+      const float frac = cnt / n_new, cross = st_n * frac;
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          sum += 8 * j + 2 * t < lim ? acc[j][2 * p] : 0.f;
+          sum += 8 * j + 2 * t + 1 < lim ? acc[j][2 * p + 1] : 0.f;
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float m = sum * inv;
+        float m2 = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const float d0 = acc[j][2 * p] - m, d1 = acc[j][2 * p + 1] - m;
+          m2 += 8 * j + 2 * t < lim ? d0 * d0 : 0.f;
+          m2 += 8 * j + 2 * t + 1 < lim ? d1 * d1 : 0.f;
+        }
+        m2 += __shfl_xor_sync(0xffffffffu, m2, 1);
+        m2 += __shfl_xor_sync(0xffffffffu, m2, 2);
+        const float delta = m - st_mean[p];
+        st_mean[p] += delta * frac;
+        st_m2[p] += m2 + delta * delta * cross;
+      }
+      st_n = n_new;
+    }
+  }
+  cp_async_wait<0>();  // no copy outlives the block (the last slots are empty groups)
+
+  if (t == 0) {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kCo +
+                               16 * warp + g + 8 * p) *
+                                  3;
+      dst[0] = st_n;
+      dst[1] = st_mean[p];
+      dst[2] = st_m2[p];
+    }
+  }
+#else
+  // Not compiled for sm_90a: conv_rows_stats_supports() never selects this kernel.
+  __trap();
+#endif
+}
+
+template <bool kChannelsLast>
+int launch_rows(const RowsShape& r, const float* x, const float* w, float* partials,
+                bool dry_run) {
+  auto kernel = conv_rows_stats_kernel<kChannelsLast>;
+  const void* entry = reinterpret_cast<const void*>(kernel);
+  const size_t smem = smem_bytes(r);
+  allow_dynamic_smem(entry, smem);
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int64_t c_blocks = (r.c_out + kCo - 1) / kCo;
+  // Persistent: one wave of resident blocks. The grid depends only on the
+  // device and the shape, so the statistics' merge order is fixed.
+  const int per_sm = std::max(resident_blocks_per_sm(entry, kThreads, smem), 1);
+  const int grid_x = static_cast<int>(std::clamp<int64_t>(
+      static_cast<int64_t>(per_sm) * multiprocessors(device) / c_blocks, 1, r.strips));
+  if (!dry_run) {
+    const dim3 grid(grid_x, static_cast<unsigned>(c_blocks));
+    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, partials);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return grid_x;
+}
+
+int run_rows(const RowsShape& r, bool channels_last, const at::Tensor& x, const at::Tensor& w,
+             float* partials, bool dry_run) {
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  return channels_last ? launch_rows<true>(r, xp, wp, partials, dry_run)
+                       : launch_rows<false>(r, xp, wp, partials, dry_run);
+}
+
+}  // namespace
+
+bool conv_rows_stats_supports(const ConvShape& s, at::ScalarType dtype, int device) {
+#ifndef FUSED_CONV_BUILT_SM90A
+  (void)s, (void)dtype, (void)device;
+  return false;  // no sm_90a code in this build (setup.py defines the macro)
+#else
+  const char* choice = std::getenv("FUSED_CONV_FORWARD_KERNEL");
+  if (choice != nullptr && std::strcmp(choice, "tile") == 0) return false;
+  if (dtype != at::kFloat || s.stride_h != 1 || s.stride_w != 1 || s.w_out < kMinWidth) {
+    return false;
+  }
+  if (compute_capability_major(device) != 9) return false;
+  const RowsShape r = make_rows_shape(s, rows_per_strip());
+  const size_t bytes = smem_bytes(r);
+  return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
+         bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
+#endif
+}
+
+std::pair<at::Tensor, int> conv_rows_stats(const ConvShape& s, const at::Tensor& x,
+                                           const at::Tensor& w) {
+  RowsShape r = make_rows_shape(s, rows_per_strip());
+  r.vec4 = s.channels_last && s.c_in % 4 == 0 &&
+           reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  const int grid_x = run_rows(r, s.channels_last, x, w, nullptr, true);
+  const int64_t c_blocks = (s.c_out + kCo - 1) / kCo;
+  at::Tensor partials = at::empty({c_blocks, grid_x, kCo, 3}, x.options().dtype(at::kFloat));
+  run_rows(r, s.channels_last, x, w, partials.mutable_data_ptr<float>(), false);
+  return {partials, grid_x};
+}
+
+}  // namespace fused_conv::cuda

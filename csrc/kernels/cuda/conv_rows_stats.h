@@ -1,0 +1,32 @@
+// The training forward's statistics pass on Hopper's warpgroup MMAs with both
+// operands in shared memory (conv_rows_stats.cu): float32, stride 1, output
+// rows of at least 64 pixels. conv_bn_forward.cu uses it for pass 1 where
+// conv_rows_stats_supports() says so; the normalise pass stays on the tile
+// kernel (its epilogue, not its MMAs, bounds it: benchmarks/NOTES.md).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <utility>
+
+#include "kernels/cuda/conv_tile_kernel.cuh"
+
+namespace fused_conv::cuda {
+
+// Output channels per block (the MMA's M): the statistics partials are
+// [ceil(C_out / 64)][grid][64][3], as finalize_stats_kernel reads them.
+constexpr int kRowsChannels = 64;
+
+// Whether the row kernel covers the shape on `device`: compiled for sm_90a and
+// running on compute capability 9, float32, stride 1, W_out >= 64, K small
+// enough for the weights and the staged rows to fit two blocks per SM.
+// FUSED_CONV_FORWARD_KERNEL=tile turns it off (the tile kernel then runs).
+bool conv_rows_stats_supports(const ConvShape& s, at::ScalarType dtype, int device);
+
+// Per-block (count, mean, M2) of conv(x) (no bias) per channel, x in the
+// layout s.channels_last names, w contiguous: returns the partials tensor and
+// the grid width that finalize_stats_kernel needs.
+std::pair<at::Tensor, int> conv_rows_stats(const ConvShape& s, const at::Tensor& x,
+                                           const at::Tensor& w);
+
+}  // namespace fused_conv::cuda
