@@ -90,8 +90,8 @@ bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight,
 }
 
 bool rows_stats_supports(const at::Tensor& input, const at::Tensor& weight,
-                           at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation, int64_t groups) {
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         int64_t groups) {
   const auto shape = make_tile_shape(input, weight, stride, padding, dilation, groups);
   return shape.has_value() && input.is_cuda() &&
          conv_rows_stats_supports(*shape, input.scalar_type(), input.get_device());

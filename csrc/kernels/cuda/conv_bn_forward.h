@@ -22,8 +22,8 @@ bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight,
 // pass takes the Hopper row kernel instead (conv_rows_stats.h): float32, stride
 // 1, W_out >= 64, sm_90a.
 bool rows_stats_supports(const at::Tensor& input, const at::Tensor& weight,
-                           at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation, int64_t groups);
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         int64_t groups);
 
 at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,
