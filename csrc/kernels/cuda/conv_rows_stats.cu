@@ -127,19 +127,21 @@ __device__ __forceinline__ void copy_strip(const float* __restrict__ x, const Ro
   const int planes = 2 * s.pairs;
   const float* img = x + n * (static_cast<int64_t>(s.c_in) * s.h * s.w);
   const int plane_in = s.h * s.w;
+  // Item i's (plane, staged row, column), advanced by carries as i steps by
+  // kThreads (integer division per item was a third of the kernel's
+  // instructions): NCHW walks columns, rows, planes; NHWC planes, columns, rows.
+  // kThreads < staged_w, so one carry per digit and step suffices.
+  int pl, sr, px;
+  if constexpr (kChannelsLast) {
+    pl = threadIdx.x % planes;
+    px = threadIdx.x / planes;
+    sr = 0;
+  } else {
+    px = threadIdx.x;
+    sr = 0;
+    pl = 0;
+  }
   for (int i = threadIdx.x; i < s.items; i += kThreads) {
-    int pl, sr, px;
-    if constexpr (kChannelsLast) {
-      pl = i % planes;
-      const int rest = i / planes;
-      px = rest % s.staged_w;
-      sr = rest / s.staged_w;
-    } else {
-      px = i % s.staged_w;
-      const int rest = i / s.staged_w;
-      sr = rest % s.staged_rows;
-      pl = rest / s.staged_rows;
-    }
     const int ih = ih0 + sr, iw = iw0 + px, c0 = 4 * pl;
     const bool inside = static_cast<unsigned>(ih) < static_cast<unsigned>(s.h) &&
                         static_cast<unsigned>(iw) < static_cast<unsigned>(s.w);
@@ -156,6 +158,10 @@ __device__ __forceinline__ void copy_strip(const float* __restrict__ x, const Ro
           cp_async_f32(dst + e, ok ? src + e : img, ok);
         }
       }
+      pl += kThreads % planes;
+      px += kThreads / planes;
+      if (pl >= planes) pl -= planes, ++px;
+      if (px >= s.staged_w) px -= s.staged_w, ++sr;
     } else {
       const float* src = inside ? img + static_cast<int64_t>(c0) * plane_in + ih * s.w + iw : img;
 #pragma unroll
@@ -163,6 +169,9 @@ __device__ __forceinline__ void copy_strip(const float* __restrict__ x, const Ro
         const bool ok = inside && c0 + e < s.c_in;
         cp_async_f32(dst + e, ok ? src + static_cast<int64_t>(e) * plane_in : img, ok);
       }
+      px += kThreads;
+      if (px >= s.staged_w) px -= s.staged_w, ++sr;
+      if (sr >= s.staged_rows) sr -= s.staged_rows, ++pl;
     }
   }
 }
@@ -268,6 +277,22 @@ __global__ void __launch_bounds__(kThreads)
 
     const int rows = min(s.rows, s.h_out - oh0);
     const int lim = s.w_out - ow0;  // valid pixels of the tile (may exceed 128)
+    // This thread's pixels 8j + 2t (+1) as 1/0 weights for the row sums (one
+    // FFMA per value instead of a compare and select per use), and their count
+    // over the quad of lanes that shares the channels.
+    float valid[16][2];
+    float cnt = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        valid[j][e] = 8 * j + 2 * t + e < lim ? 1.f : 0.f;
+        cnt += valid[j][e];
+      }
+    }
+    cnt += __shfl_xor_sync(0xffffffffu, cnt, 1);
+    cnt += __shfl_xor_sync(0xffffffffu, cnt, 2);
+    const float inv = 1.f / cnt;
     for (int r = 0; r < rows; ++r) {
       wgmma_fence();
       for (int ks = 0; ks < s.k_steps; ++ks) {
@@ -282,21 +307,15 @@ __global__ void __launch_bounds__(kThreads)
 
       // The row's mean and M2 per channel over its valid pixels (the 4 lanes t
       // of a quad share the channels), Chan-merged into the running ones.
-      float cnt = 0.f;
-#pragma unroll
-      for (int j = 0; j < 16; ++j)
-        cnt += (8 * j + 2 * t < lim ? 1.f : 0.f) + (8 * j + 2 * t + 1 < lim ? 1.f : 0.f);
-      cnt += __shfl_xor_sync(0xffffffffu, cnt, 1);
-      cnt += __shfl_xor_sync(0xffffffffu, cnt, 2);
-      const float inv = 1.f / cnt, n_new = st_n + cnt;
+      const float n_new = st_n + cnt;
       const float frac = cnt / n_new, cross = st_n * frac;
 #pragma unroll
       for (int p = 0; p < 2; ++p) {
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
-          sum += 8 * j + 2 * t < lim ? acc[j][2 * p] : 0.f;
-          sum += 8 * j + 2 * t + 1 < lim ? acc[j][2 * p + 1] : 0.f;
+          sum = fmaf(valid[j][0], acc[j][2 * p], sum);
+          sum = fmaf(valid[j][1], acc[j][2 * p + 1], sum);
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -305,8 +324,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
           const float d0 = acc[j][2 * p] - m, d1 = acc[j][2 * p + 1] - m;
-          m2 += 8 * j + 2 * t < lim ? d0 * d0 : 0.f;
-          m2 += 8 * j + 2 * t + 1 < lim ? d1 * d1 : 0.f;
+          m2 = fmaf(d0 * valid[j][0], d0, m2);
+          m2 = fmaf(d1 * valid[j][1], d1, m2);
         }
         m2 += __shfl_xor_sync(0xffffffffu, m2, 1);
         m2 += __shfl_xor_sync(0xffffffffu, m2, 2);
