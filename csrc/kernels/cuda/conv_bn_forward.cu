@@ -115,8 +115,12 @@ at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor mean = running_mean.to(at::kFloat).contiguous();
   const at::Tensor var = running_var.to(at::kFloat).contiguous();
   at::Tensor out = empty_output(input, s);
-  run_tile_kernel<TileMode::kApply>(s, x, w, params.fold(mean, var, false, eps, scale), GradTerms{},
-                                   out, nullptr);
+  const BnFold fold = params.fold(mean, var, false, eps, scale);
+  if (conv_rows_apply_supports(s, x.scalar_type(), input.get_device())) {
+    conv_rows_apply(s, x, w, fold, out);
+  } else {
+    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
+  }
   return out;
 }
 
@@ -160,8 +164,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
 
   // Pass 3: normalise with the batch statistics.
   at::Tensor out = empty_output(input, s);
-  run_tile_kernel<TileMode::kApply>(s, x, w, params.fold(mean, invstd, true, eps, scale),
-                                   GradTerms{}, out, nullptr);
+  const BnFold fold = params.fold(mean, invstd, true, eps, scale);
+  if (conv_rows_apply_supports(s, x.scalar_type(), input.get_device())) {
+    conv_rows_apply(s, x, w, fold, out);
+  } else {
+    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
+  }
   return {out, mean, invstd};
 }
 

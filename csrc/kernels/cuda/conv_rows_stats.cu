@@ -69,6 +69,8 @@ struct RowsShape {
   int x_words;                // 4*items: one staged strip (raw, big or small)
   int w_words;                // one split term of the staged weights
   bool vec4;                  // NHWC: 16-byte copies of 4 channels
+  bool pair_stores;           // NCHW output, W_out even: 8-byte stores of pixel pairs
+  bool streaming;             // output stores with the evict-first hint (st.global.cs)
 };
 
 // Weights (big, small), the split strip (big, small), the raw ring (2 strips),
@@ -177,12 +179,29 @@ __device__ __forceinline__ void copy_strip(const float* __restrict__ x, const Ro
 }
 #endif
 
-// Per-block (count, mean, M2) of conv(x) per channel into
+__device__ __forceinline__ void store_out(float* p, float v, bool streaming) {
+  if (streaming) {
+    __stcs(p, v);
+  } else {
+    *p = v;
+  }
+}
+__device__ __forceinline__ void store_out2(float* p, float v0, float v1, bool streaming) {
+  if (streaming) {
+    __stcs(reinterpret_cast<float2*>(p), make_float2(v0, v1));
+  } else {
+    *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+  }
+}
+
+// kApply = false: per-block (count, mean, M2) of conv(x) per channel into
 // partials[blockIdx.y][gridDim.x][64][3].
-template <bool kChannelsLast>
+// kApply = true: out = a[c]*conv(x) + d[c] (the BN + scale fold, f), in the
+// input's layout.
+template <bool kChannelsLast, bool kApply>
 __global__ void __launch_bounds__(kThreads)
-    conv_rows_stats_kernel(const float* __restrict__ x, const float* __restrict__ w, RowsShape s,
-                           float* __restrict__ partials) {
+    conv_rows_kernel(const float* __restrict__ x, const float* __restrict__ w, RowsShape s,
+                     BnFold f, float* __restrict__ partials, float* __restrict__ out) {
 #if FUSED_CONV_WGMMA
   extern __shared__ __align__(128) float smem[];
   float* w_big = smem;
@@ -249,11 +268,22 @@ __global__ void __launch_bounds__(kThreads)
   // instructions near the MMAs would make ptxas serialize them (C7515).
   float acc[16][4];
 
+  // kApply: the fold of this thread's two channels (0 past C_out: not stored).
+  const int c_mine = c_base + 16 * warp + g;
+  float fa[2] = {0.f, 0.f}, fd[2] = {0.f, 0.f};
+  if constexpr (kApply) {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      if (c_mine + 8 * p < s.c_out) bn_fold_coefficients(f, c_mine + 8 * p, fa[p], fd[p]);
+    }
+  }
+
   int slot = 0;
   for (int64_t strip = blockIdx.x; strip < s.strips; strip += step, slot ^= 1) {
     const int64_t row_tile = strip / s.tiles_w;
     const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
-    const int oh0 = static_cast<int>(row_tile % s.strips_h) * s.rows;
+    const int64_t n = row_tile / s.strips_h;
+    const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
     float* raw = raw_ring + slot * s.x_words;
     // This strip's copies (all but the newest group) have landed for this
     // thread; the barrier makes everyone's visible, and every warp has retired
@@ -305,6 +335,47 @@ __global__ void __launch_bounds__(kThreads)
       wgmma_wait<0>();
       wgmma_fence_accumulators(acc);
 
+      if constexpr (kApply) {
+        // Thread (g, t) holds channels c_mine (+8) at pixels 8j + 2t (+1). NCHW:
+        // a warp's store covers 8 channel rows x 32 contiguous bytes (whole
+        // sectors); NHWC: 4 pixels x 8 consecutive channels (32 bytes each).
+        const int oh = oh0 + r;
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          const int c = c_mine + 8 * p;
+          const bool c_ok = c < s.c_out;
+          if constexpr (kChannelsLast) {
+            float* base = out + ((n * s.h_out + oh) * s.w_out + ow0) * s.c_out + c;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int px = 8 * j + 2 * t + e;
+                if (c_ok && px < lim) {
+                  store_out(base + static_cast<int64_t>(px) * s.c_out,
+                            fmaf(fa[p], acc[j][2 * p + e], fd[p]), s.streaming);
+                }
+              }
+            }
+          } else {
+            float* row = out + ((n * s.c_out + c) * s.h_out + oh) * s.w_out + ow0;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+              const int px = 8 * j + 2 * t;
+              const float v0 = fmaf(fa[p], acc[j][2 * p], fd[p]);
+              const float v1 = fmaf(fa[p], acc[j][2 * p + 1], fd[p]);
+              if (c_ok && s.pair_stores && px + 1 < lim) {
+                store_out2(row + px, v0, v1, s.streaming);
+              } else if (c_ok) {
+                if (px < lim) store_out(row + px, v0, s.streaming);
+                if (px + 1 < lim) store_out(row + px + 1, v1, s.streaming);
+              }
+            }
+          }
+        }
+        continue;
+      }
+
       // The row's mean and M2 per channel over its valid pixels (the 4 lanes t
       // of a quad share the channels), Chan-merged into the running ones.
       const float n_new = st_n + cnt;
@@ -338,7 +409,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   cp_async_wait<0>();  // no copy outlives the block (the last slots are empty groups)
 
-  if (t == 0) {
+  if (!kApply && t == 0) {
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kCo +
@@ -355,10 +426,10 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-template <bool kChannelsLast>
-int launch_rows(const RowsShape& r, const float* x, const float* w, float* partials,
-                bool dry_run) {
-  auto kernel = conv_rows_stats_kernel<kChannelsLast>;
+template <bool kChannelsLast, bool kApply>
+int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold& f,
+                float* partials, float* out, bool dry_run) {
+  auto kernel = conv_rows_kernel<kChannelsLast, kApply>;
   const void* entry = reinterpret_cast<const void*>(kernel);
   const size_t smem = smem_bytes(r);
   allow_dynamic_smem(entry, smem);
@@ -372,18 +443,31 @@ int launch_rows(const RowsShape& r, const float* x, const float* w, float* parti
       static_cast<int64_t>(per_sm) * multiprocessors(device) / c_blocks, 1, r.strips));
   if (!dry_run) {
     const dim3 grid(grid_x, static_cast<unsigned>(c_blocks));
-    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, partials);
+    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, partials,
+                                                                         out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return grid_x;
 }
 
-int run_rows(const RowsShape& r, bool channels_last, const at::Tensor& x, const at::Tensor& w,
-             float* partials, bool dry_run) {
+int run_rows_stats(const RowsShape& r, bool channels_last, const at::Tensor& x,
+                   const at::Tensor& w, float* partials, bool dry_run) {
   const float* xp = x.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
-  return channels_last ? launch_rows<true>(r, xp, wp, partials, dry_run)
-                       : launch_rows<false>(r, xp, wp, partials, dry_run);
+  return channels_last ? launch_rows<true, false>(r, xp, wp, BnFold{}, partials, nullptr, dry_run)
+                       : launch_rows<false, false>(r, xp, wp, BnFold{}, partials, nullptr, dry_run);
+}
+
+RowsShape rows_shape_for(const ConvShape& s, const at::Tensor& x) {
+  RowsShape r = make_rows_shape(s, rows_per_strip());
+  r.vec4 = s.channels_last && s.c_in % 4 == 0 &&
+           reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  return r;
+}
+
+const char* forward_kernel_choice() {
+  const char* v = std::getenv("FUSED_CONV_FORWARD_KERNEL");
+  return v != nullptr ? v : "";
 }
 
 }  // namespace
@@ -393,8 +477,7 @@ bool conv_rows_stats_supports(const ConvShape& s, at::ScalarType dtype, int devi
   (void)s, (void)dtype, (void)device;
   return false;  // no sm_90a code in this build (setup.py defines the macro)
 #else
-  const char* choice = std::getenv("FUSED_CONV_FORWARD_KERNEL");
-  if (choice != nullptr && std::strcmp(choice, "tile") == 0) return false;
+  if (std::strcmp(forward_kernel_choice(), "tile") == 0) return false;
   if (dtype != at::kFloat || s.stride_h != 1 || s.stride_w != 1 || s.w_out < kMinWidth) {
     return false;
   }
@@ -406,16 +489,35 @@ bool conv_rows_stats_supports(const ConvShape& s, at::ScalarType dtype, int devi
 #endif
 }
 
+bool conv_rows_apply_supports(const ConvShape& s, at::ScalarType dtype, int device) {
+  return std::strcmp(forward_kernel_choice(), "rows-stats") != 0 &&
+         conv_rows_stats_supports(s, dtype, device);
+}
+
 std::pair<at::Tensor, int> conv_rows_stats(const ConvShape& s, const at::Tensor& x,
                                            const at::Tensor& w) {
-  RowsShape r = make_rows_shape(s, rows_per_strip());
-  r.vec4 = s.channels_last && s.c_in % 4 == 0 &&
-           reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
-  const int grid_x = run_rows(r, s.channels_last, x, w, nullptr, true);
+  const RowsShape r = rows_shape_for(s, x);
+  const int grid_x = run_rows_stats(r, s.channels_last, x, w, nullptr, true);
   const int64_t c_blocks = (s.c_out + kCo - 1) / kCo;
   at::Tensor partials = at::empty({c_blocks, grid_x, kCo, 3}, x.options().dtype(at::kFloat));
-  run_rows(r, s.channels_last, x, w, partials.mutable_data_ptr<float>(), false);
+  run_rows_stats(r, s.channels_last, x, w, partials.mutable_data_ptr<float>(), false);
   return {partials, grid_x};
+}
+
+void conv_rows_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                     const BnFold& f, at::Tensor& out) {
+  RowsShape r = rows_shape_for(s, x);
+  float* o = out.mutable_data_ptr<float>();
+  r.pair_stores = !s.channels_last && s.w_out % 2 == 0 && reinterpret_cast<uintptr_t>(o) % 8 == 0;
+  const char* cs = std::getenv("FUSED_CONV_ROWS_STREAMING");
+  r.streaming = cs != nullptr && std::strcmp(cs, "1") == 0;
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  if (s.channels_last) {
+    launch_rows<true, true>(r, xp, wp, f, nullptr, o, false);
+  } else {
+    launch_rows<false, true>(r, xp, wp, f, nullptr, o, false);
+  }
 }
 
 }  // namespace fused_conv::cuda

@@ -29,4 +29,13 @@ bool conv_rows_stats_supports(const ConvShape& s, at::ScalarType dtype, int devi
 std::pair<at::Tensor, int> conv_rows_stats(const ConvShape& s, const at::Tensor& x,
                                            const at::Tensor& w);
 
+// Whether the normalise pass (and the eval forward) also runs on the row kernel:
+// where conv_rows_stats_supports() holds, unless FUSED_CONV_FORWARD_KERNEL=rows-stats.
+bool conv_rows_apply_supports(const ConvShape& s, at::ScalarType dtype, int device);
+
+// out = a[c]*conv(x) + d[c] with the fold f (conv_tile_kernel.cuh), written in
+// the layout s.channels_last names; out is allocated by the caller.
+void conv_rows_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                     const BnFold& f, at::Tensor& out);
+
 }  // namespace fused_conv::cuda
