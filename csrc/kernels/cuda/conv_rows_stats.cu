@@ -51,7 +51,12 @@ constexpr int kPix = 128;  // output pixels per MMA (wgmma N)
 constexpr int kMaxKSteps = 32;
 // At most this much shared memory per block: two blocks per multiprocessor
 // (the reference problem takes 104 KB).
-constexpr size_t kMaxSmem = 110 * 1024;
+constexpr size_t kMaxSmem = 111 * 1024;
+// The NCHW output epilogue's per-warp transpose: 8 channel rows of 64 pixels,
+// rows 72 words apart so that the quads' 8-byte writes (channel g, pixels
+// 8j + 2t) fall in distinct banks per half-warp.
+constexpr int kStageRow = 72;
+constexpr int kStageWords = 4 * 8 * kStageRow;  // 4 warps
 // Output rows per strip: the halo rows are staged (kh-1)*dil_h extra times per
 // strip, and a taller strip costs shared memory, so fewer blocks per SM.
 constexpr int kDefaultRows = 2;
@@ -75,8 +80,9 @@ struct RowsShape {
 
 // Weights (big, small), the split strip (big, small), the raw ring (2 strips),
 // the k-step table.
-size_t smem_bytes(const RowsShape& r) {
-  return (2 * static_cast<size_t>(r.w_words) + 4 * static_cast<size_t>(r.x_words)) *
+size_t smem_bytes(const RowsShape& r, bool apply) {
+  return (2 * static_cast<size_t>(r.w_words) + 4 * static_cast<size_t>(r.x_words) +
+          (apply ? kStageWords : 0)) *
              sizeof(float) +
          kMaxKSteps * sizeof(int);
 }
@@ -210,6 +216,7 @@ __global__ void __launch_bounds__(kThreads)
   float* x_small = x_big + s.x_words;
   float* raw_ring = x_small + s.x_words;  // [2][x_words]
   int* step_b = reinterpret_cast<int*>(raw_ring + 2 * s.x_words);
+  float* stage = reinterpret_cast<float*>(step_b + kMaxKSteps) + (threadIdx.x >> 5) * 8 * kStageRow;
 
   // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
   // branch near the wgmmas looks divergent (ptxas would serialize them).
@@ -358,18 +365,36 @@ __global__ void __launch_bounds__(kThreads)
               }
             }
           } else {
-            float* row = out + ((n * s.c_out + c) * s.h_out + oh) * s.w_out + ow0;
+            // Through this warp's stage, 8 channel rows x 64 pixels at a time, so
+            // that a store instruction writes 256 contiguous bytes of one row
+            // (direct stores touch 8 rows each and back up the LSU: ncu).
+            const int64_t plane = static_cast<int64_t>(s.h_out) * s.w_out;
+            float* row0 = out + ((n * s.c_out + c - g) * s.h_out + oh) * s.w_out + ow0;
 #pragma unroll
-            for (int j = 0; j < 16; ++j) {
-              const int px = 8 * j + 2 * t;
-              const float v0 = fmaf(fa[p], acc[j][2 * p], fd[p]);
-              const float v1 = fmaf(fa[p], acc[j][2 * p + 1], fd[p]);
-              if (c_ok && s.pair_stores && px + 1 < lim) {
-                store_out2(row + px, v0, v1, s.streaming);
-              } else if (c_ok) {
-                if (px < lim) store_out(row + px, v0, s.streaming);
-                if (px + 1 < lim) store_out(row + px + 1, v1, s.streaming);
+            for (int h = 0; h < 2; ++h) {
+#pragma unroll
+              for (int jj = 0; jj < 8; ++jj) {
+                const int j = 8 * h + jj;
+                *reinterpret_cast<float2*>(stage + g * kStageRow + 8 * jj + 2 * t) =
+                    make_float2(fmaf(fa[p], acc[j][2 * p], fd[p]),
+                                fmaf(fa[p], acc[j][2 * p + 1], fd[p]));
               }
+              __syncwarp();
+              const int px = 64 * h + 2 * lane;
+#pragma unroll
+              for (int k = 0; k < 8; ++k) {
+                const float2 v = *reinterpret_cast<const float2*>(stage + k * kStageRow + 2 * lane);
+                float* row = row0 + k * plane;
+                if (c - g + k < s.c_out) {
+                  if (s.pair_stores && px + 1 < lim) {
+                    store_out2(row + px, v.x, v.y, s.streaming);
+                  } else {
+                    if (px < lim) store_out(row + px, v.x, s.streaming);
+                    if (px + 1 < lim) store_out(row + px + 1, v.y, s.streaming);
+                  }
+                }
+              }
+              __syncwarp();
             }
           }
         }
@@ -431,7 +456,7 @@ int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold
                 float* partials, float* out, bool dry_run) {
   auto kernel = conv_rows_kernel<kChannelsLast, kApply>;
   const void* entry = reinterpret_cast<const void*>(kernel);
-  const size_t smem = smem_bytes(r);
+  const size_t smem = smem_bytes(r, kApply);
   allow_dynamic_smem(entry, smem);
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -448,6 +473,15 @@ int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return grid_x;
+}
+
+// Whether the shape's k-steps and shared memory (kApply: with the output
+// stage) fit the row kernel at two blocks per multiprocessor.
+bool rows_fit(const ConvShape& s, bool apply, int device) {
+  const RowsShape r = make_rows_shape(s, rows_per_strip());
+  const size_t bytes = smem_bytes(r, apply);
+  return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
+         bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
 }
 
 int run_rows_stats(const RowsShape& r, bool channels_last, const at::Tensor& x,
@@ -482,16 +516,15 @@ bool conv_rows_stats_supports(const ConvShape& s, at::ScalarType dtype, int devi
     return false;
   }
   if (compute_capability_major(device) != 9) return false;
-  const RowsShape r = make_rows_shape(s, rows_per_strip());
-  const size_t bytes = smem_bytes(r);
-  return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
-         bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
+  return rows_fit(s, false, device);
 #endif
 }
 
 bool conv_rows_apply_supports(const ConvShape& s, at::ScalarType dtype, int device) {
-  return std::strcmp(forward_kernel_choice(), "rows-stats") != 0 &&
-         conv_rows_stats_supports(s, dtype, device);
+  const char* cl = std::getenv("FUSED_CONV_ROWS_APPLY_CL");  // experiment: NHWC on rows
+  return (!s.channels_last || (cl != nullptr && std::strcmp(cl, "1") == 0)) &&
+         std::strcmp(forward_kernel_choice(), "rows-stats") != 0 &&
+         conv_rows_stats_supports(s, dtype, device) && rows_fit(s, true, device);
 }
 
 std::pair<at::Tensor, int> conv_rows_stats(const ConvShape& s, const at::Tensor& x,
