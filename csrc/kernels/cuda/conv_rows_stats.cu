@@ -74,8 +74,7 @@ struct RowsShape {
   int x_words;                // 4*items: one staged strip (raw, big or small)
   int w_words;                // one split term of the staged weights
   bool vec4;                  // NHWC: 16-byte copies of 4 channels
-  bool pair_stores;           // NCHW output, W_out even: 8-byte stores of pixel pairs
-  bool streaming;             // output stores with the evict-first hint (st.global.cs)
+  bool pair_stores;           // W_out even: 8-byte stores of pixel pairs
 };
 
 // Weights (big, small), the split strip (big, small), the raw ring (2 strips),
@@ -185,29 +184,14 @@ __device__ __forceinline__ void copy_strip(const float* __restrict__ x, const Ro
 }
 #endif
 
-__device__ __forceinline__ void store_out(float* p, float v, bool streaming) {
-  if (streaming) {
-    __stcs(p, v);
-  } else {
-    *p = v;
-  }
-}
-__device__ __forceinline__ void store_out2(float* p, float v0, float v1, bool streaming) {
-  if (streaming) {
-    __stcs(reinterpret_cast<float2*>(p), make_float2(v0, v1));
-  } else {
-    *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
-  }
-}
-
 // kApply = false: per-block (count, mean, M2) of conv(x) per channel into
 // partials[blockIdx.y][gridDim.x][64][3].
-// kApply = true: out = a[c]*conv(x) + d[c] (the BN + scale fold, f), in the
-// input's layout.
+// kApply = true: out = a[c]*conv(x) + d[c] (the BN + scale fold, f), NCHW.
 template <bool kChannelsLast, bool kApply>
 __global__ void __launch_bounds__(kThreads)
     conv_rows_kernel(const float* __restrict__ x, const float* __restrict__ w, RowsShape s,
                      BnFold f, float* __restrict__ partials, float* __restrict__ out) {
+  static_assert(!(kApply && kChannelsLast), "the NHWC normalise pass stays on the tile kernel");
 #if FUSED_CONV_WGMMA
   extern __shared__ __align__(128) float smem[];
   float* w_big = smem;
@@ -343,59 +327,48 @@ __global__ void __launch_bounds__(kThreads)
       wgmma_fence_accumulators(acc);
 
       if constexpr (kApply) {
-        // Thread (g, t) holds channels c_mine (+8) at pixels 8j + 2t (+1). NCHW:
-        // a warp's store covers 8 channel rows x 32 contiguous bytes (whole
-        // sectors); NHWC: 4 pixels x 8 consecutive channels (32 bytes each).
-        const int oh = oh0 + r;
+        // Thread (g, t) holds channels c_mine (+8) at pixels 8j + 2t (+1): a
+        // direct store would touch 8 channel rows per instruction, which backs
+        // up the LSU (ncu: the stores' source registers stall the FFMAs). So
+        // through this warp's stage, 8 channel rows x 64 pixels at a time, and
+        // each store instruction writes 256 contiguous bytes of one row.
+        const int64_t plane = static_cast<int64_t>(s.h_out) * s.w_out;
 #pragma unroll
         for (int p = 0; p < 2; ++p) {
-          const int c = c_mine + 8 * p;
-          const bool c_ok = c < s.c_out;
-          if constexpr (kChannelsLast) {
-            float* base = out + ((n * s.h_out + oh) * s.w_out + ow0) * s.c_out + c;
+          const int c0 = c_base + 16 * warp + 8 * p;  // the stage's row 0
+          const int c_rows = min(8, s.c_out - c0);    // warp-uniform
+          float* row0 = out + ((n * s.c_out + c0) * s.h_out + oh0 + r) * s.w_out + ow0;
 #pragma unroll
-            for (int j = 0; j < 16; ++j) {
+          for (int h = 0; h < 2; ++h) {
 #pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const int px = 8 * j + 2 * t + e;
-                if (c_ok && px < lim) {
-                  store_out(base + static_cast<int64_t>(px) * s.c_out,
-                            fmaf(fa[p], acc[j][2 * p + e], fd[p]), s.streaming);
-                }
-              }
+            for (int jj = 0; jj < 8; ++jj) {
+              const int j = 8 * h + jj;
+              *reinterpret_cast<float2*>(stage + g * kStageRow + 8 * jj + 2 * t) =
+                  make_float2(fmaf(fa[p], acc[j][2 * p], fd[p]),
+                              fmaf(fa[p], acc[j][2 * p + 1], fd[p]));
             }
-          } else {
-            // Through this warp's stage, 8 channel rows x 64 pixels at a time, so
-            // that a store instruction writes 256 contiguous bytes of one row
-            // (direct stores touch 8 rows each and back up the LSU: ncu).
-            const int64_t plane = static_cast<int64_t>(s.h_out) * s.w_out;
-            float* row0 = out + ((n * s.c_out + c - g) * s.h_out + oh) * s.w_out + ow0;
+            __syncwarp();
+            // W_out even: lim is even, so a pixel pair is whole or outside.
+            const int px = 64 * h + 2 * lane;
+            if (s.pair_stores) {
+              if (px < lim) {
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-#pragma unroll
-              for (int jj = 0; jj < 8; ++jj) {
-                const int j = 8 * h + jj;
-                *reinterpret_cast<float2*>(stage + g * kStageRow + 8 * jj + 2 * t) =
-                    make_float2(fmaf(fa[p], acc[j][2 * p], fd[p]),
-                                fmaf(fa[p], acc[j][2 * p + 1], fd[p]));
-              }
-              __syncwarp();
-              const int px = 64 * h + 2 * lane;
-#pragma unroll
-              for (int k = 0; k < 8; ++k) {
-                const float2 v = *reinterpret_cast<const float2*>(stage + k * kStageRow + 2 * lane);
-                float* row = row0 + k * plane;
-                if (c - g + k < s.c_out) {
-                  if (s.pair_stores && px + 1 < lim) {
-                    store_out2(row + px, v.x, v.y, s.streaming);
-                  } else {
-                    if (px < lim) store_out(row + px, v.x, s.streaming);
-                    if (px + 1 < lim) store_out(row + px + 1, v.y, s.streaming);
+                for (int k = 0; k < 8; ++k) {
+                  if (k < c_rows) {
+                    *reinterpret_cast<float2*>(row0 + k * plane + px) =
+                        *reinterpret_cast<const float2*>(stage + k * kStageRow + 2 * lane);
                   }
                 }
               }
-              __syncwarp();
+            } else {
+#pragma unroll
+              for (int k = 0; k < 8; ++k) {
+                const float2 v = *reinterpret_cast<const float2*>(stage + k * kStageRow + 2 * lane);
+                if (k < c_rows && px < lim) row0[k * plane + px] = v.x;
+                if (k < c_rows && px + 1 < lim) row0[k * plane + px + 1] = v.y;
+              }
             }
+            __syncwarp();
           }
         }
         continue;
@@ -521,9 +494,7 @@ bool conv_rows_stats_supports(const ConvShape& s, at::ScalarType dtype, int devi
 }
 
 bool conv_rows_apply_supports(const ConvShape& s, at::ScalarType dtype, int device) {
-  const char* cl = std::getenv("FUSED_CONV_ROWS_APPLY_CL");  // experiment: NHWC on rows
-  return (!s.channels_last || (cl != nullptr && std::strcmp(cl, "1") == 0)) &&
-         std::strcmp(forward_kernel_choice(), "rows-stats") != 0 &&
+  return !s.channels_last && std::strcmp(forward_kernel_choice(), "rows-stats") != 0 &&
          conv_rows_stats_supports(s, dtype, device) && rows_fit(s, true, device);
 }
 
@@ -541,16 +512,10 @@ void conv_rows_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& 
                      const BnFold& f, at::Tensor& out) {
   RowsShape r = rows_shape_for(s, x);
   float* o = out.mutable_data_ptr<float>();
-  r.pair_stores = !s.channels_last && s.w_out % 2 == 0 && reinterpret_cast<uintptr_t>(o) % 8 == 0;
-  const char* cs = std::getenv("FUSED_CONV_ROWS_STREAMING");
-  r.streaming = cs != nullptr && std::strcmp(cs, "1") == 0;
-  const float* xp = x.const_data_ptr<float>();
-  const float* wp = w.const_data_ptr<float>();
-  if (s.channels_last) {
-    launch_rows<true, true>(r, xp, wp, f, nullptr, o, false);
-  } else {
-    launch_rows<false, true>(r, xp, wp, f, nullptr, o, false);
-  }
+  TORCH_CHECK(!s.channels_last, "fused_conv: the row kernel writes NCHW outputs only");
+  r.pair_stores = s.w_out % 2 == 0 && reinterpret_cast<uintptr_t>(o) % 8 == 0;
+  launch_rows<false, true>(r, x.const_data_ptr<float>(), w.const_data_ptr<float>(), f, nullptr, o,
+                           false);
 }
 
 }  // namespace fused_conv::cuda
