@@ -147,7 +147,7 @@ ROWS_SHAPES = [
 @pytest.mark.parametrize("shape", ROWS_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_sanitize_rows_kernel_matches_reference(shape, training, channels_last, kernel,
                                                 monkeypatch):  # fmt: skip
-    # On Hopper: both passes on the row kernel (conv_rows_stats.cu) by default; only the
+    # On Hopper: both passes on the row kernel (conv_rows.cu) by default; only the
     # training statistics there (FUSED_CONV_FORWARD_KERNEL=rows-stats); neither (=tile).
     if kernel != "rows":
         monkeypatch.setenv("FUSED_CONV_FORWARD_KERNEL", kernel)

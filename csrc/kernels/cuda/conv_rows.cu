@@ -1,5 +1,7 @@
-// The training forward's statistics pass as one warpgroup MMA chain per output
-// row, both operands in shared memory (Hopper, sm_90a; float32, stride 1).
+// The forward as one warpgroup MMA chain per output row, both operands in
+// shared memory (Hopper, sm_90a; float32, stride 1), for two passes:
+// statistics (per-channel Chan summaries of conv(x), nothing written) and
+// apply (out = a[c]*conv(x) + d[c], the BN + scale fold, NCHW).
 //
 // GEMM per output row oh and 128-pixel column tile:
 //   D(64 output channels x 128 pixels) = W(64 x K) * X(K x 128),
@@ -25,9 +27,11 @@
 // cp.async ring two strips ahead; all threads split them into the big/small
 // planes (one 16-byte load and two 16-byte stores per 4 channels), then per
 // output row the warpgroup issues the MMA chain, waits, and folds the row into
-// per-channel Chan statistics. Two blocks share a multiprocessor, so one's
-// split and epilogue run under the other's MMAs.
-#include "kernels/cuda/conv_rows_stats.h"
+// per-channel Chan statistics, or (apply) writes it through a per-warp
+// shared-memory transpose so that each store instruction covers 256 contiguous
+// bytes of one channel row. Two blocks share a multiprocessor, so one's split
+// and epilogue run under the other's MMAs.
+#include "kernels/cuda/conv_rows.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -60,7 +64,7 @@ constexpr int kStageWords = 4 * 8 * kStageRow;  // 4 warps
 // Output rows per strip: the halo rows are staged (kh-1)*dil_h extra times per
 // strip, and a taller strip costs shared memory, so fewer blocks per SM.
 constexpr int kDefaultRows = 2;
-constexpr int kMinWidth = 64;  // narrower rows waste most of the 128-pixel MMA
+[[maybe_unused]] constexpr int kMinWidth = 64;  // narrower rows waste most of the 128-pixel MMA
 
 struct RowsShape {
   int64_t n, strips;
