@@ -139,21 +139,23 @@ ROWS_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["rows", "tile"], ids=["on_rows", "on_tile"])
+@pytest.mark.parametrize(
+    "kernel", ["rows", "rows-stats", "tile"], ids=["on_rows", "on_rows_stats", "on_tile"]
+)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("shape", ROWS_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_sanitize_rows_kernel_matches_reference(shape, training, channels_last, kernel,
                                                 monkeypatch):  # fmt: skip
-    # Training: the statistics pass on the Hopper row kernel (conv_rows_stats.cu) where it
-    # applies, and on the tile kernel for the same shapes (FUSED_CONV_FORWARD_KERNEL=tile).
-    if kernel == "tile":
-        monkeypatch.setenv("FUSED_CONV_FORWARD_KERNEL", "tile")
+    # On Hopper: both passes on the row kernel (conv_rows.cu) by default; only the
+    # training statistics there (FUSED_CONV_FORWARD_KERNEL=rows-stats); neither (=tile).
+    if kernel != "rows":
+        monkeypatch.setenv("FUSED_CONV_FORWARD_KERNEL", kernel)
     n, c_in, h, w, c_out, k, stride, padding, dilation = shape
     x, weight, p = make(n, c_in, h, w, c_out, k, channels_last=channels_last,
                         seed=hash(shape) % 1000 + 7)  # fmt: skip
     covered = rows_kernel_covers(x, weight, stride, padding, dilation)
-    assert covered == (kernel == "rows" and hopper_with_sm90a())
+    assert covered == (kernel != "tile" and hopper_with_sm90a())
     check(x, weight, p, training=training, dtype=torch.float32, stride=stride, padding=padding,
           dilation=dilation, channels_last=channels_last)  # fmt: skip
 

@@ -1,13 +1,15 @@
 // Host side of the fused CUDA forwards: which configurations the tile kernel
 // covers, launch geometry, and the eval / training pipelines.
 //
-//   eval : one launch of the tile kernel; the BN + scale fold happens in its
-//          prologue from the running statistics (no host sync, no extra launch).
+//   eval : one launch of the tile kernel, or for float32 stride-1 NCHW shapes
+//          on Hopper the row kernel (conv_rows.h); the BN + scale fold happens
+//          in its prologue from the running statistics (no host sync, no extra
+//          launch).
 //   train: statistics pass (the tile kernel recomputing the conv without
-//          writing it, or for float32 stride-1 shapes on Hopper the row kernel:
-//          conv_rows_stats.h; per-block Chan summaries) -> finalize (one warp per
-//          channel merges the summaries in a fixed order: deterministic) ->
-//          the eval-style pass with the batch statistics.
+//          writing it, or for float32 stride-1 shapes on Hopper the row kernel;
+//          per-block Chan summaries) -> finalize (one warp per channel merges
+//          the summaries in a fixed order: deterministic) -> the eval-style
+//          pass with the batch statistics.
 #include "kernels/cuda/conv_bn_forward.h"
 
 #include <ATen/ATen.h>
@@ -15,7 +17,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "kernels/cuda/conv_rows_stats.h"
+#include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/tile_launch.cuh"
 
 namespace fused_conv::cuda {
@@ -115,8 +117,12 @@ at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor mean = running_mean.to(at::kFloat).contiguous();
   const at::Tensor var = running_var.to(at::kFloat).contiguous();
   at::Tensor out = empty_output(input, s);
-  run_tile_kernel<TileMode::kApply>(s, x, w, params.fold(mean, var, false, eps, scale), GradTerms{},
-                                   out, nullptr);
+  const BnFold fold = params.fold(mean, var, false, eps, scale);
+  if (conv_rows_apply_supports(s, x.scalar_type(), input.get_device())) {
+    conv_rows_apply(s, x, w, fold, out);
+  } else {
+    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
+  }
   return out;
 }
 
@@ -160,8 +166,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
 
   // Pass 3: normalise with the batch statistics.
   at::Tensor out = empty_output(input, s);
-  run_tile_kernel<TileMode::kApply>(s, x, w, params.fold(mean, invstd, true, eps, scale),
-                                   GradTerms{}, out, nullptr);
+  const BnFold fold = params.fold(mean, invstd, true, eps, scale);
+  if (conv_rows_apply_supports(s, x.scalar_type(), input.get_device())) {
+    conv_rows_apply(s, x, w, fold, out);
+  } else {
+    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
+  }
   return {out, mean, invstd};
 }
 

@@ -1,6 +1,5 @@
 // Fused CUDA forwards built on the tensor-core tile kernel (conv_tile_kernel.cuh)
-// and, for the training statistics of float32 stride-1 shapes on Hopper, the row
-// kernel (conv_rows_stats.h).
+// and, for float32 stride-1 shapes on Hopper, the row kernel (conv_rows.h).
 // Callers check tile_kernel_supports() first and use the ATen path otherwise.
 #pragma once
 
@@ -19,7 +18,7 @@ bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight,
                           at::IntArrayRef dilation, int64_t groups);
 
 // True when, within the tile kernel's reach, the training forward's statistics
-// pass takes the Hopper row kernel instead (conv_rows_stats.h): float32, stride
+// pass takes the Hopper row kernel instead (conv_rows.h): float32, stride
 // 1, W_out >= 64, sm_90a.
 bool rows_stats_supports(const at::Tensor& input, const at::Tensor& weight,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,

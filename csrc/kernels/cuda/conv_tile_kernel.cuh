@@ -64,6 +64,19 @@ struct BnFold {
   float scale;
 };
 
+// The fold's (a, d) of channel c < C_out, from the per-channel tensors (no
+// host sync: every launch recomputes them from device memory).
+__device__ __forceinline__ void bn_fold_coefficients(const BnFold& f, int64_t c, float& a,
+                                                     float& d) {
+  const float sc = f.scale * (f.scale_tensor ? *f.scale_tensor : 1.f);
+  const float invstd = f.is_invstd ? f.var_or_invstd[c] : 1.f / sqrtf(f.var_or_invstd[c] + f.eps);
+  const float gamma = f.gamma ? f.gamma[c] : 1.f;
+  const float beta = f.beta ? f.beta[c] : 0.f;
+  const float bias = f.bias ? f.bias[c] : 0.f;
+  a = sc * gamma * invstd;
+  d = sc * beta + a * (bias - f.mean[c]);
+}
+
 // What one launch computes from y = conv(x) (without the conv bias).
 enum class TileMode : int {
   kApply,      // out = a[c]*y + d[c]: the BN + scale epilogue (forward)
@@ -466,14 +479,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
     if (c < s.c_out && kChunked) {
       a = 1.f;
     } else if (c < s.c_out) {
-      const float sc = f.scale * (f.scale_tensor ? *f.scale_tensor : 1.f);
-      const float invstd =
-          f.is_invstd ? f.var_or_invstd[c] : 1.f / sqrtf(f.var_or_invstd[c] + f.eps);
-      const float gamma = f.gamma ? f.gamma[c] : 1.f;
-      const float beta = f.beta ? f.beta[c] : 0.f;
-      const float bias = f.bias ? f.bias[c] : 0.f;
-      a = sc * gamma * invstd;
-      d = sc * beta + a * (bias - f.mean[c]);
+      bn_fold_coefficients(f, c, a, d);
     }
     coef_a[threadIdx.x] = a;
     coef_d[threadIdx.x] = d;

@@ -237,7 +237,7 @@ __device__ __forceinline__ void wgmma_tf32_ss<9>(float (&d)[9][4], uint64_t a_de
 }
 
 // N = 128, both operands from shared memory, D = A*B + (accumulate ? D : 0):
-// the forward row kernel (conv_rows_stats.cu), M = 64 output channels by
+// the forward row kernel (conv_rows.cu), M = 64 output channels by
 // N = 128 output pixels of one row. accumulate = 0 starts a fresh sum without
 // zeroing the 64 accumulator registers first.
 __device__ __forceinline__ void wgmma_tf32_ss_n128(float (&d)[16][4], uint64_t a_desc,

@@ -1,5 +1,7 @@
-// The training forward's statistics pass as one warpgroup MMA chain per output
-// row, both operands in shared memory (Hopper, sm_90a; float32, stride 1).
+// The forward as one warpgroup MMA chain per output row, both operands in
+// shared memory (Hopper, sm_90a; float32, stride 1), for two passes:
+// statistics (per-channel Chan summaries of conv(x), nothing written) and
+// apply (out = a[c]*conv(x) + d[c], the BN + scale fold, NCHW).
 //
 // GEMM per output row oh and 128-pixel column tile:
 //   D(64 output channels x 128 pixels) = W(64 x K) * X(K x 128),
@@ -25,9 +27,11 @@
 // cp.async ring two strips ahead; all threads split them into the big/small
 // planes (one 16-byte load and two 16-byte stores per 4 channels), then per
 // output row the warpgroup issues the MMA chain, waits, and folds the row into
-// per-channel Chan statistics. Two blocks share a multiprocessor, so one's
-// split and epilogue run under the other's MMAs.
-#include "kernels/cuda/conv_rows_stats.h"
+// per-channel Chan statistics, or (apply) writes it through a per-warp
+// shared-memory transpose so that each store instruction covers 256 contiguous
+// bytes of one channel row. Two blocks share a multiprocessor, so one's split
+// and epilogue run under the other's MMAs.
+#include "kernels/cuda/conv_rows.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -51,11 +55,16 @@ constexpr int kPix = 128;  // output pixels per MMA (wgmma N)
 constexpr int kMaxKSteps = 32;
 // At most this much shared memory per block: two blocks per multiprocessor
 // (the reference problem takes 104 KB).
-constexpr size_t kMaxSmem = 110 * 1024;
+constexpr size_t kMaxSmem = 111 * 1024;
+// The NCHW output epilogue's per-warp transpose: 8 channel rows of 64 pixels,
+// rows 72 words apart so that the quads' 8-byte writes (channel g, pixels
+// 8j + 2t) fall in distinct banks per half-warp.
+constexpr int kStageRow = 72;
+constexpr int kStageWords = 4 * 8 * kStageRow;  // 4 warps
 // Output rows per strip: the halo rows are staged (kh-1)*dil_h extra times per
 // strip, and a taller strip costs shared memory, so fewer blocks per SM.
 constexpr int kDefaultRows = 2;
-constexpr int kMinWidth = 64;  // narrower rows waste most of the 128-pixel MMA
+[[maybe_unused]] constexpr int kMinWidth = 64;  // narrower rows waste most of the 128-pixel MMA
 
 struct RowsShape {
   int64_t n, strips;
@@ -69,12 +78,14 @@ struct RowsShape {
   int x_words;                // 4*items: one staged strip (raw, big or small)
   int w_words;                // one split term of the staged weights
   bool vec4;                  // NHWC: 16-byte copies of 4 channels
+  bool pair_stores;           // W_out even: 8-byte stores of pixel pairs
 };
 
 // Weights (big, small), the split strip (big, small), the raw ring (2 strips),
 // the k-step table.
-size_t smem_bytes(const RowsShape& r) {
-  return (2 * static_cast<size_t>(r.w_words) + 4 * static_cast<size_t>(r.x_words)) *
+size_t smem_bytes(const RowsShape& r, bool apply) {
+  return (2 * static_cast<size_t>(r.w_words) + 4 * static_cast<size_t>(r.x_words) +
+          (apply ? kStageWords : 0)) *
              sizeof(float) +
          kMaxKSteps * sizeof(int);
 }
@@ -177,12 +188,14 @@ __device__ __forceinline__ void copy_strip(const float* __restrict__ x, const Ro
 }
 #endif
 
-// Per-block (count, mean, M2) of conv(x) per channel into
+// kApply = false: per-block (count, mean, M2) of conv(x) per channel into
 // partials[blockIdx.y][gridDim.x][64][3].
-template <bool kChannelsLast>
+// kApply = true: out = a[c]*conv(x) + d[c] (the BN + scale fold, f), NCHW.
+template <bool kChannelsLast, bool kApply>
 __global__ void __launch_bounds__(kThreads)
-    conv_rows_stats_kernel(const float* __restrict__ x, const float* __restrict__ w, RowsShape s,
-                           float* __restrict__ partials) {
+    conv_rows_kernel(const float* __restrict__ x, const float* __restrict__ w, RowsShape s,
+                     BnFold f, float* __restrict__ partials, float* __restrict__ out) {
+  static_assert(!(kApply && kChannelsLast), "the NHWC normalise pass stays on the tile kernel");
 #if FUSED_CONV_WGMMA
   extern __shared__ __align__(128) float smem[];
   float* w_big = smem;
@@ -191,6 +204,7 @@ __global__ void __launch_bounds__(kThreads)
   float* x_small = x_big + s.x_words;
   float* raw_ring = x_small + s.x_words;  // [2][x_words]
   int* step_b = reinterpret_cast<int*>(raw_ring + 2 * s.x_words);
+  float* stage = reinterpret_cast<float*>(step_b + kMaxKSteps) + (threadIdx.x >> 5) * 8 * kStageRow;
 
   // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
   // branch near the wgmmas looks divergent (ptxas would serialize them).
@@ -249,11 +263,22 @@ __global__ void __launch_bounds__(kThreads)
   // instructions near the MMAs would make ptxas serialize them (C7515).
   float acc[16][4];
 
+  // kApply: the fold of this thread's two channels (0 past C_out: not stored).
+  const int c_mine = c_base + 16 * warp + g;
+  float fa[2] = {0.f, 0.f}, fd[2] = {0.f, 0.f};
+  if constexpr (kApply) {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      if (c_mine + 8 * p < s.c_out) bn_fold_coefficients(f, c_mine + 8 * p, fa[p], fd[p]);
+    }
+  }
+
   int slot = 0;
   for (int64_t strip = blockIdx.x; strip < s.strips; strip += step, slot ^= 1) {
     const int64_t row_tile = strip / s.tiles_w;
     const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
-    const int oh0 = static_cast<int>(row_tile % s.strips_h) * s.rows;
+    const int64_t n = row_tile / s.strips_h;
+    const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
     float* raw = raw_ring + slot * s.x_words;
     // This strip's copies (all but the newest group) have landed for this
     // thread; the barrier makes everyone's visible, and every warp has retired
@@ -305,6 +330,54 @@ __global__ void __launch_bounds__(kThreads)
       wgmma_wait<0>();
       wgmma_fence_accumulators(acc);
 
+      if constexpr (kApply) {
+        // Thread (g, t) holds channels c_mine (+8) at pixels 8j + 2t (+1): a
+        // direct store would touch 8 channel rows per instruction, which backs
+        // up the LSU (ncu: the stores' source registers stall the FFMAs). So
+        // through this warp's stage, 8 channel rows x 64 pixels at a time, and
+        // each store instruction writes 256 contiguous bytes of one row.
+        const int64_t plane = static_cast<int64_t>(s.h_out) * s.w_out;
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          const int c0 = c_base + 16 * warp + 8 * p;  // the stage's row 0
+          const int c_rows = min(8, s.c_out - c0);    // warp-uniform
+          float* row0 = out + ((n * s.c_out + c0) * s.h_out + oh0 + r) * s.w_out + ow0;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) {
+              const int j = 8 * h + jj;
+              *reinterpret_cast<float2*>(stage + g * kStageRow + 8 * jj + 2 * t) =
+                  make_float2(fmaf(fa[p], acc[j][2 * p], fd[p]),
+                              fmaf(fa[p], acc[j][2 * p + 1], fd[p]));
+            }
+            __syncwarp();
+            // W_out even: lim is even, so a pixel pair is whole or outside.
+            const int px = 64 * h + 2 * lane;
+            if (s.pair_stores) {
+              if (px < lim) {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                  if (k < c_rows) {
+                    *reinterpret_cast<float2*>(row0 + k * plane + px) =
+                        *reinterpret_cast<const float2*>(stage + k * kStageRow + 2 * lane);
+                  }
+                }
+              }
+            } else {
+#pragma unroll
+              for (int k = 0; k < 8; ++k) {
+                const float2 v = *reinterpret_cast<const float2*>(stage + k * kStageRow + 2 * lane);
+                if (k < c_rows && px < lim) row0[k * plane + px] = v.x;
+                if (k < c_rows && px + 1 < lim) row0[k * plane + px + 1] = v.y;
+              }
+            }
+            __syncwarp();
+          }
+        }
+        continue;
+      }
+
       // The row's mean and M2 per channel over its valid pixels (the 4 lanes t
       // of a quad share the channels), Chan-merged into the running ones.
       const float n_new = st_n + cnt;
@@ -338,7 +411,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   cp_async_wait<0>();  // no copy outlives the block (the last slots are empty groups)
 
-  if (t == 0) {
+  if (!kApply && t == 0) {
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kCo +
@@ -355,12 +428,12 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-template <bool kChannelsLast>
-int launch_rows(const RowsShape& r, const float* x, const float* w, float* partials,
-                bool dry_run) {
-  auto kernel = conv_rows_stats_kernel<kChannelsLast>;
+template <bool kChannelsLast, bool kApply>
+int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold& f,
+                float* partials, float* out, bool dry_run) {
+  auto kernel = conv_rows_kernel<kChannelsLast, kApply>;
   const void* entry = reinterpret_cast<const void*>(kernel);
-  const size_t smem = smem_bytes(r);
+  const size_t smem = smem_bytes(r, kApply);
   allow_dynamic_smem(entry, smem);
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -372,18 +445,40 @@ int launch_rows(const RowsShape& r, const float* x, const float* w, float* parti
       static_cast<int64_t>(per_sm) * multiprocessors(device) / c_blocks, 1, r.strips));
   if (!dry_run) {
     const dim3 grid(grid_x, static_cast<unsigned>(c_blocks));
-    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, partials);
+    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, partials,
+                                                                         out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return grid_x;
 }
 
-int run_rows(const RowsShape& r, bool channels_last, const at::Tensor& x, const at::Tensor& w,
-             float* partials, bool dry_run) {
+// Whether the shape's k-steps and shared memory (kApply: with the output
+// stage) fit the row kernel at two blocks per multiprocessor.
+bool rows_fit(const ConvShape& s, bool apply, int device) {
+  const RowsShape r = make_rows_shape(s, rows_per_strip());
+  const size_t bytes = smem_bytes(r, apply);
+  return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
+         bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
+}
+
+int run_rows_stats(const RowsShape& r, bool channels_last, const at::Tensor& x,
+                   const at::Tensor& w, float* partials, bool dry_run) {
   const float* xp = x.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
-  return channels_last ? launch_rows<true>(r, xp, wp, partials, dry_run)
-                       : launch_rows<false>(r, xp, wp, partials, dry_run);
+  return channels_last ? launch_rows<true, false>(r, xp, wp, BnFold{}, partials, nullptr, dry_run)
+                       : launch_rows<false, false>(r, xp, wp, BnFold{}, partials, nullptr, dry_run);
+}
+
+RowsShape rows_shape_for(const ConvShape& s, const at::Tensor& x) {
+  RowsShape r = make_rows_shape(s, rows_per_strip());
+  r.vec4 = s.channels_last && s.c_in % 4 == 0 &&
+           reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  return r;
+}
+
+const char* forward_kernel_choice() {
+  const char* v = std::getenv("FUSED_CONV_FORWARD_KERNEL");
+  return v != nullptr ? v : "";
 }
 
 }  // namespace
@@ -393,29 +488,38 @@ bool conv_rows_stats_supports(const ConvShape& s, at::ScalarType dtype, int devi
   (void)s, (void)dtype, (void)device;
   return false;  // no sm_90a code in this build (setup.py defines the macro)
 #else
-  const char* choice = std::getenv("FUSED_CONV_FORWARD_KERNEL");
-  if (choice != nullptr && std::strcmp(choice, "tile") == 0) return false;
+  if (std::strcmp(forward_kernel_choice(), "tile") == 0) return false;
   if (dtype != at::kFloat || s.stride_h != 1 || s.stride_w != 1 || s.w_out < kMinWidth) {
     return false;
   }
   if (compute_capability_major(device) != 9) return false;
-  const RowsShape r = make_rows_shape(s, rows_per_strip());
-  const size_t bytes = smem_bytes(r);
-  return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
-         bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
+  return rows_fit(s, false, device);
 #endif
+}
+
+bool conv_rows_apply_supports(const ConvShape& s, at::ScalarType dtype, int device) {
+  return !s.channels_last && std::strcmp(forward_kernel_choice(), "rows-stats") != 0 &&
+         conv_rows_stats_supports(s, dtype, device) && rows_fit(s, true, device);
 }
 
 std::pair<at::Tensor, int> conv_rows_stats(const ConvShape& s, const at::Tensor& x,
                                            const at::Tensor& w) {
-  RowsShape r = make_rows_shape(s, rows_per_strip());
-  r.vec4 = s.channels_last && s.c_in % 4 == 0 &&
-           reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
-  const int grid_x = run_rows(r, s.channels_last, x, w, nullptr, true);
+  const RowsShape r = rows_shape_for(s, x);
+  const int grid_x = run_rows_stats(r, s.channels_last, x, w, nullptr, true);
   const int64_t c_blocks = (s.c_out + kCo - 1) / kCo;
   at::Tensor partials = at::empty({c_blocks, grid_x, kCo, 3}, x.options().dtype(at::kFloat));
-  run_rows(r, s.channels_last, x, w, partials.mutable_data_ptr<float>(), false);
+  run_rows_stats(r, s.channels_last, x, w, partials.mutable_data_ptr<float>(), false);
   return {partials, grid_x};
+}
+
+void conv_rows_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                     const BnFold& f, at::Tensor& out) {
+  RowsShape r = rows_shape_for(s, x);
+  float* o = out.mutable_data_ptr<float>();
+  TORCH_CHECK(!s.channels_last, "fused_conv: the row kernel writes NCHW outputs only");
+  r.pair_stores = s.w_out % 2 == 0 && reinterpret_cast<uintptr_t>(o) % 8 == 0;
+  launch_rows<false, true>(r, x.const_data_ptr<float>(), w.const_data_ptr<float>(), f, nullptr, o,
+                           false);
 }
 
 }  // namespace fused_conv::cuda
