@@ -45,7 +45,7 @@ from torch import nn
 @dataclass(frozen=True)
 class Case:
     name: str
-    group: str  # ref | kb_orig | resnet50
+    group: str  # ref | kb_orig | resnet50 | rows
     n: int
     cin: int
     h: int
@@ -79,7 +79,14 @@ RESNET50_1X1 = [
     (64, 256, 56), (256, 64, 56), (128, 512, 28), (512, 128, 28),
     (256, 1024, 14), (1024, 256, 14), (512, 2048, 7), (2048, 512, 7),
 ]  # fmt: skip
-GROUPS = ("ref", "kb_orig", "resnet50")
+# The row kernel's dispatch guard (not in the default run): shapes it takes (float32, stride
+# 1, W_out >= 64) where fewer than 64 output channels leave part of its m64 MMA idle, and a
+# row wider than one 128-pixel column tile; compare against FUSED_CONV_FORWARD_KERNEL=tile.
+ROWS_CASES = [
+    ("rows.c16", 128, 8, 128, 128, 16), ("rows.c32", 128, 8, 128, 128, 32),
+    ("rows.w256", 32, 8, 256, 256, 64),
+]  # fmt: skip
+GROUPS = ("ref", "kb_orig", "resnet50", "rows")
 
 
 def make_cases(smoke: bool) -> list[Case]:
@@ -106,6 +113,9 @@ def make_cases(smoke: bool) -> list[Case]:
             Case(f"r50.1x1.{ci}-{co}@{s}", "resnet50", batch, chan(ci), spatial(s), spatial(s),
                  chan(co), 1, 1, 0, bias=False, dist="randn")
         )  # fmt: skip
+    for name, n, ci, h, w, co in ROWS_CASES:
+        n, h, w = (2, 12, 70) if smoke else (n, h, w)
+        cases.append(Case(name, "rows", n, ci, h, w, co, 3))
     return cases
 
 
@@ -892,7 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cases",
         default="ref,kb_orig,resnet50",
-        help="groups (ref, kb_orig, resnet50) or case names, comma-separated",
+        help="groups (ref, kb_orig, resnet50, rows) or case names, comma-separated",
     )
     p.add_argument(
         "--quick", action="store_true", help="ref + kb_orig only, fp32 NCHW + bf16 channels_last"
