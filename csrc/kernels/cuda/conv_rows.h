@@ -14,6 +14,13 @@
 
 namespace fused_conv::cuda {
 
+// FUSED_CONV_ROWS_PER_STRIP (1..16) if set, else default_rows: the output rows
+// a row-kernel block computes per staged strip.
+int rows_per_strip(int default_rows);
+// FUSED_CONV_FORWARD_KERNEL: "tile" (no row kernel), "rows-stats" (the row
+// kernels for the statistics pass only) or unset / anything else (both passes).
+const char* forward_kernel_choice();
+
 // Output channels per block (the MMA's M): the statistics partials are
 // [ceil(C_out / 64)][grid][64][3], as finalize_stats_kernel reads them.
 constexpr int kRowsChannels = 64;

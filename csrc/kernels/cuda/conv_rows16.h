@@ -1,0 +1,37 @@
+// The forward's row kernel for float16 / bfloat16 channels_last tensors on
+// Hopper (conv_rows16.cu): the training statistics pass, the normalise pass and
+// the eval forward, where conv_rows16_supports() says so; elsewhere the tile
+// kernel runs. The float32 row kernel is conv_rows.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <utility>
+
+#include "kernels/cuda/conv_tile_kernel.cuh"
+
+namespace fused_conv::cuda {
+
+// Whether the 16-bit row kernel covers the shape for the tensor x (as the
+// forward passes it to the kernels: contiguous in s's layout) on `device`:
+// an sm_90a build on compute capability 9, float16 / bfloat16, channels_last,
+// stride 1, C_in and C_out multiples of 8 (16-byte pieces of a pixel's
+// channels), C_in*kh*kw <= 288, W_out >= 64, x 16-byte aligned.
+// FUSED_CONV_FORWARD_KERNEL=tile turns it off.
+bool conv_rows16_supports(const ConvShape& s, const at::Tensor& x, int device);
+// ... for the normalise pass and the eval forward, which
+// FUSED_CONV_FORWARD_KERNEL=rows-stats also leaves on the tile kernel.
+bool conv_rows16_apply_supports(const ConvShape& s, const at::Tensor& x, int device);
+
+// Per-block (count, mean, M2) of conv(x) (no bias) per channel: the partials
+// tensor [ceil(C_out / 64)][grid][64][3] and the grid width, as
+// finalize_stats_kernel reads them.
+std::pair<at::Tensor, int> conv_rows16_stats(const ConvShape& s, const at::Tensor& x,
+                                             const at::Tensor& w);
+
+// out = a[c]*conv(x) + d[c] with the fold f, rounded to x's dtype, channels_last
+// (out allocated by the caller, 16-byte aligned).
+void conv_rows16_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                       const BnFold& f, at::Tensor& out);
+
+}  // namespace fused_conv::cuda
