@@ -387,7 +387,7 @@ bool conv_rows16_supports(const ConvShape& s, const at::Tensor& x, int device) {
   if (compute_capability_major(device) != 9) return false;
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
   const size_t bytes = smem_bytes(r, true);
-  return r.k_steps <= kMaxKSteps && kThreads / r.planes < r.staged_w && bytes <= kMaxSmem &&
+  return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
          bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
 #endif
 }
