@@ -57,7 +57,7 @@ namespace {
 constexpr int kThreads = 128;  // one warpgroup
 constexpr int kCo = kRowsChannels;
 constexpr int kPix = 128;        // output pixels per MMA (wgmma N)
-constexpr int kMaxKSteps = 18;   // 36 chunks: 3x3 x 32 channels
+constexpr int kMaxKSteps = 10;   // 20 chunks: K <= 160, the tile kernel's reach
 constexpr int kSlots = 3;        // input ring: the strip in use and two in flight
 constexpr int kChunkBytes = 16;  // 8 channels of one pixel
 constexpr int kStageRow = 144;   // bytes per staged pixel: 64 channels + 16

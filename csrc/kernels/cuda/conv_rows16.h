@@ -16,7 +16,8 @@ namespace fused_conv::cuda {
 // forward passes it to the kernels: contiguous in s's layout) on `device`:
 // an sm_90a build on compute capability 9, float16 / bfloat16, channels_last,
 // stride 1, C_in and C_out multiples of 8 (16-byte pieces of a pixel's
-// channels), C_in*kh*kw <= 288, W_out >= 64, x 16-byte aligned.
+// channels), W_out >= 64, x 16-byte aligned; the forward asks only within the
+// tile kernel's reach (C_in*kh*kw <= 160).
 // FUSED_CONV_FORWARD_KERNEL=tile turns it off.
 bool conv_rows16_supports(const ConvShape& s, const at::Tensor& x, int device);
 // ... for the normalise pass and the eval forward, which
