@@ -67,6 +67,15 @@ constexpr int kDefaultRows = 4;       // the strip's halo is re-read (kh-1)/rows
 [[maybe_unused]] constexpr int kMinWidth = 64;
 [[maybe_unused]] constexpr size_t kMaxSmem = 113 * 1024;  // at least two blocks per multiprocessor
 
+// What one launch computes from y = conv(x) (no bias), per output row:
+enum class Rows16Mode : int {
+  kStats,      // per-block (count, mean, M2) of y (training forward, pass 1)
+  kApply,      // out = a[c]*y + d[c] (forward)
+  kGradStats,  // per-block sums of g, g*(y - ctr), y - ctr (backward, pass 1)
+  kGradOut,    // out = A[c]*g + C[c]*(y - ctr) + D[c], the gradient at the conv
+               // output, unbiasedly rounded (backward, pass 2)
+};
+
 struct Rows16Shape {
   int64_t n, strips;
   int c_in, h, w, c_out, h_out, w_out;
@@ -142,6 +151,40 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
   }
 }
 
+template <typename T>
+__device__ __forceinline__ float2 unpack_pair(uint32_t v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&v));
+  }
+}
+
+// Two values of a pixel pair (NHWC offsets off and off + c_out), each rounded
+// to T without bias (round_unbiased: conv_tile_kernel.cuh), packed low = first.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_rounded(float lo, float hi, int64_t off, int c_out) {
+  const T a = round_unbiased<T>(lo, off), b = round_unbiased<T>(hi, off + c_out);
+  return static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&a)) |
+         static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&b)) << 16;
+}
+
+// Writes the stage's `pieces` 16-byte (pixel, 8-channel group) pieces of the
+// block's channels to `dst` (pixel 0, channel c_base of an output row); NHWC
+// pixels are C_out values apart, so for C_out = 64 the pieces are one
+// contiguous run.
+template <typename T>
+__device__ __forceinline__ void write_stage(const unsigned char* stage, T* __restrict__ dst,
+                                            int c_out, int pieces, int groups) {
+  for (int q = threadIdx.x; q < pieces; q += kThreads) {
+    const int px = q >> 3, cg = q & 7;
+    if (cg < groups) {
+      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(px) * c_out + 8 * cg) =
+          *reinterpret_cast<const uint4*>(stage + px * kStageRow + cg * 16);
+    }
+  }
+}
+
 // Issues the 16-byte copies of one strip's input rows ih0.. and columns iw0..
 // of image n into the slot at `dst` ([chunk][row][column][8 channels], zeros
 // outside the image). Item order: chunk, column, row (consecutive threads read
@@ -166,17 +209,20 @@ __device__ __forceinline__ void copy_strip16(const T* __restrict__ x, const Rows
 }
 #endif
 
-template <typename T, bool kApply>
+template <typename T, Rows16Mode kMode>
 __global__ void __launch_bounds__(kThreads)
     conv_rows16_kernel(const T* __restrict__ x, const T* __restrict__ w, Rows16Shape s, BnFold f,
-                       float* __restrict__ partials, T* __restrict__ out) {
+                       GradTerms gt, float* __restrict__ partials, T* __restrict__ out) {
+  constexpr bool kApply = kMode == Rows16Mode::kApply;
+  constexpr bool kGrad = kMode == Rows16Mode::kGradStats || kMode == Rows16Mode::kGradOut;
+  constexpr bool kStaged = kMode != Rows16Mode::kStats;  // uses the [pixel][channel] stage
 #if FUSED_CONV_WGMMA
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* w_s = smem;
   unsigned char* ring = w_s + s.w_bytes;
   unsigned char* zero = ring + kSlots * s.slot_bytes;
   unsigned char* stage = zero + kZeroBytes;
-  int* step_off = reinterpret_cast<int*>(stage + (kApply ? kStageBytes : 0));
+  int* step_off = reinterpret_cast<int*>(stage + (kStaged ? kStageBytes : 0));
   int* step_lead = step_off + kMaxKSteps;
   const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   const uint32_t zero_addr = static_cast<uint32_t>(__cvta_generic_to_shared(zero));
@@ -236,15 +282,28 @@ __global__ void __launch_bounds__(kThreads)
   constexpr uint32_t kAStep = 2 * kCo * kChunkBytes >> 4;  // one k-step of W, descriptor units
 
   RowStatistics stats;
-  // kApply: the fold of this thread's two channels (0 past C_out: not stored).
+  // Per channel of this thread (c_mine, c_mine + 8; zeros past C_out, whose
+  // values are never stored): kApply the fold (fa, fd); kGrad the centre ctr
+  // and kGradOut g_hat's coefficients (fa = A, fc = C, fd = D).
   const int c_mine = c_base + 16 * warp + g;
-  float fa[2] = {0.f, 0.f}, fd[2] = {0.f, 0.f};
-  if constexpr (kApply) {
+  float fa[2] = {0.f, 0.f}, fd[2] = {0.f, 0.f}, fc[2] = {0.f, 0.f}, ctr[2] = {0.f, 0.f};
 #pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      if (c_mine + 8 * p < s.c_out) bn_fold_coefficients(f, c_mine + 8 * p, fa[p], fd[p]);
+  for (int p = 0; p < 2; ++p) {
+    const int c = c_mine + 8 * p;
+    if (c >= s.c_out) continue;
+    if constexpr (kApply) bn_fold_coefficients(f, c, fa[p], fd[p]);
+    if constexpr (kGrad) ctr[p] = gt.center[c];
+    if constexpr (kMode == Rows16Mode::kGradOut) {
+      fa[p] = gt.coef_g[c];
+      fc[p] = gt.coef_y[c];
+      fd[p] = gt.coef_1[c];
     }
   }
+  // kGradStats: this thread's running sums of g, g*(y - ctr), y - ctr per
+  // channel (each row's float32 sums added in float64).
+  double gs_g[2] = {0.0, 0.0}, gs_gy[2] = {0.0, 0.0}, gs_y[2] = {0.0, 0.0};
+  const T* __restrict__ grad = static_cast<const T*>(gt.grad);
+  const int groups = min(8, (s.c_out - c_base) / 8);  // the block's 8-channel groups
   // Not initialised: a row's first MMA has scale-d = 0 (ks == 0), and zeroing
   // instructions near the MMAs would make ptxas serialize them (C7515).
   float acc[16][4];
@@ -270,8 +329,23 @@ __global__ void __launch_bounds__(kThreads)
     const int lim = s.w_out - ow0;  // valid pixels of the tile (may exceed 128)
     float valid[16][2], cnt = 0.f, inv = 0.f;  // the statistics' pixel weights
     if constexpr (!kApply) row_pixel_weights(lim, t, valid, cnt, inv);
+    const int pieces = min(lim, kPix) * 8;  // 16-byte (pixel, 8-channel group) pieces
     const uint32_t slot_addr = ring_addr + slot * s.slot_bytes;
     for (int r = 0; r < rows; ++r) {
+      const int64_t row_pix = (n * s.h_out + oh0 + r) * s.w_out + ow0;  // NHWC pixel index
+      // kGrad: this thread's pieces of the row's g (zeros outside), loaded
+      // before the MMAs so that their latency runs under them.
+      uint4 g_pieces[kPix * 8 / kThreads];
+      if constexpr (kGrad) {
+#pragma unroll
+        for (int i = 0; i < kPix * 8 / kThreads; ++i) {
+          const int q = threadIdx.x + i * kThreads, px = q >> 3, cg = q & 7;
+          g_pieces[i] = q < pieces && cg < groups
+                            ? __ldcs(reinterpret_cast<const uint4*>(
+                                  grad + (row_pix + px) * s.c_out + c_base + 8 * cg))
+                            : make_uint4(0, 0, 0, 0);
+        }
+      }
       wgmma_fence();
       for (int ks = 0; ks < s.k_steps; ++ks) {
         const uint32_t b0 = slot_addr + step_off[ks] + r * row_bytes;
@@ -301,18 +375,59 @@ __global__ void __launch_bounds__(kThreads)
           stmatrix_x4_trans(stage_addr + px * kStageRow + ch * 2, v[0], v[1], v[2], v[3]);
         }
         __syncthreads();
-        // 16-byte pieces (pixel, 8-channel group) of the block's channels; NHWC
-        // pixels are C_out values apart, so for C_out = 64 the row's pieces are
-        // one contiguous run.
-        const int groups = min(8, (s.c_out - c_base) / 8);
-        T* row_out = out + ((n * s.h_out + oh0 + r) * s.w_out + ow0) * s.c_out + c_base;
-        const int pieces = min(lim, kPix) * 8;
-        for (int q = threadIdx.x; q < pieces; q += kThreads) {
-          const int px = q >> 3, cg = q & 7;
-          if (cg < groups) {
-            *reinterpret_cast<uint4*>(row_out + static_cast<int64_t>(px) * s.c_out + 8 * cg) =
-                *reinterpret_cast<const uint4*>(stage + px * kStageRow + cg * 16);
+        write_stage(stage, out + row_pix * s.c_out + c_base, s.c_out, pieces, groups);
+        __syncthreads();  // the stage is rewritten by the next row
+      } else if constexpr (kGrad) {
+        // g's pieces into the stage, then back as fragments by ldmatrix.trans
+        // (the stmatrix mapping in reverse): g at exactly the accumulators'
+        // (channel, pixel) positions. Each warp then reads (and, kGradOut,
+        // rewrites in place) only its own 16 channels of the stage.
+#pragma unroll
+        for (int i = 0; i < kPix * 8 / kThreads; ++i) {
+          const int q = threadIdx.x + i * kThreads;
+          *reinterpret_cast<uint4*>(stage + (q >> 3) * kStageRow + (q & 7) * 16) = g_pieces[i];
+        }
+        __syncthreads();
+        const int m = lane >> 3, i = lane & 7;
+        float row_g[2] = {0.f, 0.f}, row_gy[2] = {0.f, 0.f}, row_y[2] = {0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < 16; j += 2) {
+          const uint32_t addr =
+              stage_addr + (8 * (j + (m >> 1)) + i) * kStageRow + (16 * warp + 8 * (m & 1)) * 2;
+          uint32_t gr[4];
+          ldmatrix_x4_trans(addr, gr[0], gr[1], gr[2], gr[3]);
+          uint32_t v[4];
+#pragma unroll
+          for (int mm = 0; mm < 4; ++mm) {
+            const int jm = j + (mm >> 1), p = mm & 1;
+            const float2 gv = unpack_pair<T>(gr[mm]);
+            const float y0 = acc[jm][2 * p] - ctr[p], y1 = acc[jm][2 * p + 1] - ctr[p];
+            if constexpr (kMode == Rows16Mode::kGradStats) {
+              row_g[p] += gv.x + gv.y;
+              row_gy[p] = fmaf(gv.x, y0, fmaf(gv.y, y1, row_gy[p]));
+              row_y[p] = fmaf(valid[jm][0], y0, fmaf(valid[jm][1], y1, row_y[p]));
+            } else {
+              // NHWC element offsets seed the unbiased rounding, as in the tile kernel.
+              const int64_t off =
+                  (row_pix + 8 * jm + 2 * t) * s.c_out + c_mine + 8 * p;
+              v[mm] = pack_rounded<T>(fmaf(fa[p], gv.x, fmaf(fc[p], y0, fd[p])),
+                                      fmaf(fa[p], gv.y, fmaf(fc[p], y1, fd[p])), off, s.c_out);
+            }
           }
+          if constexpr (kMode == Rows16Mode::kGradOut) {
+            stmatrix_x4_trans(addr, v[0], v[1], v[2], v[3]);
+          }
+        }
+        if constexpr (kMode == Rows16Mode::kGradStats) {
+#pragma unroll
+          for (int p = 0; p < 2; ++p) {
+            gs_g[p] += row_g[p];
+            gs_gy[p] += row_gy[p];
+            gs_y[p] += row_y[p];
+          }
+        } else {
+          __syncthreads();
+          write_stage(stage, out + row_pix * s.c_out + c_base, s.c_out, pieces, groups);
         }
         __syncthreads();  // the stage is rewritten by the next row
       } else {
@@ -322,52 +437,90 @@ __global__ void __launch_bounds__(kThreads)
     slot = slot == kSlots - 1 ? 0 : slot + 1;
   }
   cp_async_wait<0>();  // no copy outlives the block (the last slots are empty groups)
-  if (!kApply) stats.write(partials, warp, g, t);
+  if constexpr (kMode == Rows16Mode::kStats) stats.write(partials, warp, g, t);
+  if constexpr (kMode == Rows16Mode::kGradStats) {
+    // Sums over the quad's lanes (they share the channels), in a fixed order;
+    // partials[blockIdx.y][gridDim.x][64][3] as finalize_grad_kernel reads them.
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      float sums[3] = {static_cast<float>(gs_g[p]), static_cast<float>(gs_gy[p]),
+                       static_cast<float>(gs_y[p])};
+#pragma unroll
+      for (int e = 0; e < 3; ++e) {
+        sums[e] += __shfl_xor_sync(0xffffffffu, sums[e], 1);
+        sums[e] += __shfl_xor_sync(0xffffffffu, sums[e], 2);
+      }
+      if (t == 0) {
+        float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kCo +
+                                 16 * warp + g + 8 * p) *
+                                    3;
+        dst[0] = sums[0];
+        dst[1] = sums[1];
+        dst[2] = sums[2];
+      }
+    }
+  }
 #else
   // Not compiled for sm_90a: conv_rows16_supports() never selects this kernel.
   __trap();
 #endif
 }
 
-template <typename T, bool kApply>
-int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f, float* partials,
-                  T* out, bool dry_run) {
-  auto kernel = conv_rows16_kernel<T, kApply>;
+template <typename T, Rows16Mode kMode>
+int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f,
+                  const GradTerms& gt, float* partials, T* out, bool dry_run) {
+  auto kernel = conv_rows16_kernel<T, kMode>;
   const void* entry = reinterpret_cast<const void*>(kernel);
-  const size_t smem = smem_bytes(r, kApply);
+  const size_t smem = smem_bytes(r, kMode != Rows16Mode::kStats);
   allow_dynamic_smem(entry, smem);
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   const int64_t c_blocks = (r.c_out + kCo - 1) / kCo;
   // Persistent: one wave of resident blocks. The grid depends only on the
-  // device and the shape, so the statistics' merge order is fixed.
+  // device and the shape, so the sums' merge order is fixed.
   const int per_sm = std::max(resident_blocks_per_sm(entry, kThreads, smem), 1);
   const int grid_x = static_cast<int>(std::clamp<int64_t>(
       static_cast<int64_t>(per_sm) * multiprocessors(device) / c_blocks, 1, r.strips));
   if (!dry_run) {
     const dim3 grid(grid_x, static_cast<unsigned>(c_blocks));
-    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, partials,
+    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, gt, partials,
                                                                          out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return grid_x;
 }
 
-template <bool kApply>
+template <Rows16Mode kMode>
 int run_rows16(const Rows16Shape& r, const at::Tensor& x, const at::Tensor& w, const BnFold& f,
-               float* partials, at::Tensor* out, bool dry_run) {
-  if (x.scalar_type() == at::kBFloat16) {
-    using T = __nv_bfloat16;
-    return launch_rows16<T, kApply>(
+               const GradTerms& gt, float* partials, at::Tensor* out, bool dry_run) {
+  const auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    return launch_rows16<T, kMode>(
         r, reinterpret_cast<const T*>(x.const_data_ptr()),
-        reinterpret_cast<const T*>(w.const_data_ptr()), f, partials,
+        reinterpret_cast<const T*>(w.const_data_ptr()), f, gt, partials,
         out != nullptr ? reinterpret_cast<T*>(out->mutable_data_ptr()) : nullptr, dry_run);
-  }
-  using T = __half;
-  return launch_rows16<T, kApply>(
-      r, reinterpret_cast<const T*>(x.const_data_ptr()),
-      reinterpret_cast<const T*>(w.const_data_ptr()), f, partials,
-      out != nullptr ? reinterpret_cast<T*>(out->mutable_data_ptr()) : nullptr, dry_run);
+  };
+  return x.scalar_type() == at::kBFloat16 ? launch(__nv_bfloat16{}) : launch(__half{});
+}
+
+// Per-block partials [ceil(C_out / 64)][grid][64][3] of the statistics modes.
+template <Rows16Mode kMode>
+std::pair<at::Tensor, int> rows16_partials(const ConvShape& s, const at::Tensor& x,
+                                           const at::Tensor& w, const GradTerms& gt) {
+  const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
+  const int grid_x = run_rows16<kMode>(r, x, w, BnFold{}, gt, nullptr, nullptr, true);
+  const int64_t c_blocks = (s.c_out + kCo - 1) / kCo;
+  at::Tensor partials = at::empty({c_blocks, grid_x, kCo, 3}, x.options().dtype(at::kFloat));
+  run_rows16<kMode>(r, x, w, BnFold{}, gt, partials.mutable_data_ptr<float>(), nullptr, false);
+  return {partials, grid_x};
+}
+
+void check_rows16_output(const ConvShape& s, const at::Tensor& x, const at::Tensor& out) {
+  TORCH_CHECK(s.channels_last && out.scalar_type() == x.scalar_type() &&
+                  out.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0,
+              "fused_conv: the 16-bit row kernel writes 16-byte aligned channels_last outputs "
+              "of the input's dtype");
 }
 
 }  // namespace
@@ -399,22 +552,33 @@ bool conv_rows16_apply_supports(const ConvShape& s, const at::Tensor& x, int dev
 
 std::pair<at::Tensor, int> conv_rows16_stats(const ConvShape& s, const at::Tensor& x,
                                              const at::Tensor& w) {
-  const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
-  const int grid_x = run_rows16<false>(r, x, w, BnFold{}, nullptr, nullptr, true);
-  const int64_t c_blocks = (s.c_out + kCo - 1) / kCo;
-  at::Tensor partials = at::empty({c_blocks, grid_x, kCo, 3}, x.options().dtype(at::kFloat));
-  run_rows16<false>(r, x, w, BnFold{}, partials.mutable_data_ptr<float>(), nullptr, false);
-  return {partials, grid_x};
+  return rows16_partials<Rows16Mode::kStats>(s, x, w, GradTerms{});
 }
 
 void conv_rows16_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
                        const BnFold& f, at::Tensor& out) {
-  TORCH_CHECK(s.channels_last && out.scalar_type() == x.scalar_type() &&
-                  reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0,
-              "fused_conv: the 16-bit row kernel writes 16-byte aligned channels_last outputs "
-              "of the input's dtype");
+  check_rows16_output(s, x, out);
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
-  run_rows16<true>(r, x, w, f, nullptr, &out, false);
+  run_rows16<Rows16Mode::kApply>(r, x, w, f, GradTerms{}, nullptr, &out, false);
+}
+
+bool conv_rows16_grad_supports(const ConvShape& s, const at::Tensor& x, const at::Tensor& grad,
+                               int device) {
+  return conv_rows16_apply_supports(s, x, device) && grad.scalar_type() == x.scalar_type() &&
+         grad.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 == 0;
+}
+
+std::pair<at::Tensor, int> conv_rows16_grad_stats(const ConvShape& s, const at::Tensor& x,
+                                                  const at::Tensor& w, const GradTerms& gt) {
+  return rows16_partials<Rows16Mode::kGradStats>(s, x, w, gt);
+}
+
+void conv_rows16_grad_out(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                          const GradTerms& gt, at::Tensor& g_hat) {
+  check_rows16_output(s, x, g_hat);
+  const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
+  run_rows16<Rows16Mode::kGradOut>(r, x, w, BnFold{}, gt, nullptr, &g_hat, false);
 }
 
 }  // namespace fused_conv::cuda

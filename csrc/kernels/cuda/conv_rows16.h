@@ -1,7 +1,8 @@
-// The forward's row kernel for float16 / bfloat16 channels_last tensors on
-// Hopper (conv_rows16.cu): the training statistics pass, the normalise pass and
-// the eval forward, where conv_rows16_supports() says so; elsewhere the tile
-// kernel runs. The float32 row kernel is conv_rows.h.
+// The row kernel for float16 / bfloat16 channels_last tensors on Hopper
+// (conv_rows16.cu): the forward's training statistics pass, normalise pass and
+// eval forward, and the training backward's two passes over grad_out, where
+// the *_supports() functions say so; elsewhere the tile kernel runs. The
+// float32 row kernel is conv_rows.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -34,5 +35,18 @@ std::pair<at::Tensor, int> conv_rows16_stats(const ConvShape& s, const at::Tenso
 // (out allocated by the caller, 16-byte aligned).
 void conv_rows16_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
                        const BnFold& f, at::Tensor& out);
+
+// The backward's passes on the same kernel (the math: conv_bn_backward.cu),
+// where conv_rows16_apply_supports() holds and grad (grad_out in the input's
+// layout) is channels_last, 16-byte aligned, in x's dtype:
+bool conv_rows16_grad_supports(const ConvShape& s, const at::Tensor& x, const at::Tensor& grad,
+                               int device);
+// pass 1: per-block (sum g, sum g*(y - ctr), sum (y - ctr)) per channel, as
+// finalize_grad_kernel reads them ([ceil(C_out / 64)][grid][64][3], grid width);
+std::pair<at::Tensor, int> conv_rows16_grad_stats(const ConvShape& s, const at::Tensor& x,
+                                                  const at::Tensor& w, const GradTerms& gt);
+// pass 2: g_hat = A*g + C*(y - ctr) + D, rounded to x's dtype without bias.
+void conv_rows16_grad_out(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                          const GradTerms& gt, at::Tensor& g_hat);
 
 }  // namespace fused_conv::cuda

@@ -1,8 +1,9 @@
 // Hopper warpgroup MMA on float16 / bfloat16 operands with float32
 // accumulation, both operands from shared memory (K-major core matrices of
 // 8 rows x 16 bytes = 8 values of K), for the 16-bit row kernel
-// (conv_rows16.cu); and stmatrix, which stores 8x8 16-bit tiles of an MMA
-// fragment to shared memory (transposed on request) for its epilogue.
+// (conv_rows16.cu); and stmatrix / ldmatrix, which store / load 8x8 16-bit
+// tiles of an MMA fragment to / from shared memory (transposed on request) for
+// its epilogues.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -73,6 +74,17 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t smem_addr, uint32_t r
       "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_addr),
       "r"(r0), "r"(r1), "r"(r2), "r"(r3)
       : "memory");
+}
+// The inverse: loads four 8x8 16-bit matrices whose rows (16 bytes each) lie at
+// the addresses lanes 8m + i supply, transposed into fragments: register r[m]
+// of lane l gets M_m^T[l / 4][2 (l % 4)], M_m^T[l / 4][2 (l % 4) + 1], where
+// row i of M_m is the 16 bytes at lane 8m + i's address.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t smem_addr, uint32_t& r0, uint32_t& r1,
+                                                  uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr)
+               : "memory");
 }
 #endif  // FUSED_CONV_WGMMA
 
