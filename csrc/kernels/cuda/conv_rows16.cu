@@ -213,10 +213,10 @@ template <typename T, Rows16Mode kMode>
 __global__ void __launch_bounds__(kThreads)
     conv_rows16_kernel(const T* __restrict__ x, const T* __restrict__ w, Rows16Shape s, BnFold f,
                        GradTerms gt, float* __restrict__ partials, T* __restrict__ out) {
+#if FUSED_CONV_WGMMA
   constexpr bool kApply = kMode == Rows16Mode::kApply;
   constexpr bool kGrad = kMode == Rows16Mode::kGradStats || kMode == Rows16Mode::kGradOut;
   constexpr bool kStaged = kMode != Rows16Mode::kStats;  // uses the [pixel][channel] stage
-#if FUSED_CONV_WGMMA
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* w_s = smem;
   unsigned char* ring = w_s + s.w_bytes;
