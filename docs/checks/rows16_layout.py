@@ -9,7 +9,8 @@ bytes exactly as the kernel's copy, weight staging and k-step tables do, reads e
 operand through the descriptor addressing of the PTX ISA for 16-bit K-major operands without
 swizzle (element (row, k) at start + (row / 8) * SBO + (k / 8) * LBO + (row % 8) * 16 +
 (k % 8) * 2 bytes), multiplies in float64, runs the epilogue's fragment -> stmatrix.trans ->
-16-byte piece mapping, and compares the output rows with a direct convolution. Shapes: the
+16-byte piece mapping (and the backward's ldmatrix.trans read of the same stage back into
+fragments), and compares the output rows with a direct convolution. Shapes: the
 reference problem's, C_in 16 and 24 (an odd chunk count), padding, dilation, 1x1 and 2x2
 kernels, C_out < 64 and a second channel block. Run: python docs/checks/rows16_layout.py.
 """
@@ -130,6 +131,24 @@ def epilogue(d):
                     assert (px * STAGE_ROW + ch * 2) % 16 == 0
                     stage[px, ch : ch + 8] = mat[:, i]
     assert not torch.isnan(stage).any()
+    # The backward's ldmatrix.x4.trans from the same addresses (g staged as [pixel][channel])
+    # must give each lane the values at its accumulators' (channel, pixel) positions: row i of
+    # matrix m is the 16 bytes at lane 8m + i's address; lane l receives row 2 (l % 4) and
+    # 2 (l % 4) + 1 of it at column l // 4, i.e. (channel l // 4, pixels 2 (l % 4), +1).
+    for warp in range(4):
+        for j in range(0, 16, 2):
+            rows_m = {}
+            for lane in range(32):
+                m, ii = lane >> 3, lane & 7
+                px, ch = 8 * (j + (m >> 1)) + ii, 16 * warp + 8 * (m & 1)
+                rows_m[m, ii] = stage[px, ch : ch + 8]
+            for lane in range(32):
+                gq, t = divmod(lane, 4)
+                for mm in range(4):
+                    got = (rows_m[mm, 2 * t][gq], rows_m[mm, 2 * t + 1][gq])
+                    jm, p = j + (mm >> 1), mm & 1
+                    c = 16 * warp + gq + 8 * p
+                    assert got == (d[c, 8 * jm + 2 * t], d[c, 8 * jm + 2 * t + 1])
     banks = {(px * STAGE_ROW // 16) % 8 for px in range(8)}
     assert len(banks) == 8, "stmatrix rows of 8 consecutive pixels share banks"
     return stage
