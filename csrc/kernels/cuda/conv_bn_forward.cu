@@ -85,6 +85,19 @@ at::Tensor empty_output(const at::Tensor& input, const ConvShape& s) {
                                                                  : at::MemoryFormat::Contiguous));
 }
 
+// out = a[c]*conv(x) + d[c] (eval, and the training forward's normalise pass):
+// on a row kernel where one covers the shape, else on the tile kernel.
+void apply_fold(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const BnFold& fold,
+                at::Tensor& out, int device) {
+  if (conv_rows_apply_supports(s, x.scalar_type(), device)) {
+    conv_rows_apply(s, x, w, fold, out);
+  } else if (conv_rows16_apply_supports(s, x, device)) {
+    conv_rows16_apply(s, x, w, fold, out);
+  } else {
+    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
+  }
+}
+
 }  // namespace
 
 bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight,
@@ -126,14 +139,7 @@ at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor mean = running_mean.to(at::kFloat).contiguous();
   const at::Tensor var = running_var.to(at::kFloat).contiguous();
   at::Tensor out = empty_output(input, s);
-  const BnFold fold = params.fold(mean, var, false, eps, scale);
-  if (conv_rows_apply_supports(s, x.scalar_type(), input.get_device())) {
-    conv_rows_apply(s, x, w, fold, out);
-  } else if (conv_rows16_apply_supports(s, x, input.get_device())) {
-    conv_rows16_apply(s, x, w, fold, out);
-  } else {
-    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
-  }
+  apply_fold(s, x, w, params.fold(mean, var, false, eps, scale), out, input.get_device());
   return out;
 }
 
@@ -180,14 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
 
   // Pass 3: normalise with the batch statistics.
   at::Tensor out = empty_output(input, s);
-  const BnFold fold = params.fold(mean, invstd, true, eps, scale);
-  if (conv_rows_apply_supports(s, x.scalar_type(), input.get_device())) {
-    conv_rows_apply(s, x, w, fold, out);
-  } else if (conv_rows16_apply_supports(s, x, input.get_device())) {
-    conv_rows16_apply(s, x, w, fold, out);
-  } else {
-    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
-  }
+  apply_fold(s, x, w, params.fold(mean, invstd, true, eps, scale), out, input.get_device());
   return {out, mean, invstd};
 }
 

@@ -52,7 +52,7 @@ namespace {
 
 constexpr int kThreads = 128;  // one warpgroup
 constexpr int kCo = kRowsChannels;
-constexpr int kPix = 128;  // output pixels per MMA (wgmma N)
+constexpr int kPix = kRowsPixels;
 constexpr int kMaxKSteps = 32;
 // At most this much shared memory per block: two blocks per multiprocessor
 // (the reference problem takes 104 KB).
@@ -67,19 +67,14 @@ constexpr int kStageWords = 4 * 8 * kStageRow;  // 4 warps
 constexpr int kDefaultRows = 2;
 [[maybe_unused]] constexpr int kMinWidth = 64;  // narrower rows waste most of the 128-pixel MMA
 
-struct RowsShape {
-  int64_t n, strips;
-  int c_in, h, w, c_out, h_out, w_out;
-  int kh, kw, pad_h, pad_w, dil_h, dil_w;
-  int pairs;    // ceil(C_in / 8): k-steps per tap
-  int k_steps;  // kh*kw*pairs
-  int rows, strips_h, tiles_w;
-  int staged_rows, staged_w;  // rows + (kh-1)*dil_h; 128 + (kw-1)*dil_w
-  int items;                  // 4-channel items of a strip: 2*pairs*staged_rows*staged_w
-  int x_words;                // 4*items: one staged strip (raw, big or small)
-  int w_words;                // one split term of the staged weights
-  bool vec4;                  // NHWC: 16-byte copies of 4 channels
-  bool pair_stores;           // W_out even: 8-byte stores of pixel pairs
+struct RowsShape : RowStrips {
+  int pairs;        // ceil(C_in / 8): k-steps per tap
+  int k_steps;      // kh*kw*pairs
+  int items;        // 4-channel items of a strip: 2*pairs*staged_rows*staged_w
+  int x_words;      // 4*items: one staged strip (raw, big or small)
+  int w_words;      // one split term of the staged weights
+  bool vec4;        // NHWC: 16-byte copies of 4 channels
+  bool pair_stores; // W_out even: 8-byte stores of pixel pairs
 };
 
 // Weights (big, small), the split strip (big, small), the raw ring (2 strips),
@@ -93,27 +88,9 @@ size_t smem_bytes(const RowsShape& r, bool apply) {
 
 RowsShape make_rows_shape(const ConvShape& s, int rows) {
   RowsShape r{};
-  r.n = s.n;
-  r.c_in = s.c_in;
-  r.h = s.h;
-  r.w = s.w;
-  r.c_out = s.c_out;
-  r.h_out = s.h_out;
-  r.w_out = s.w_out;
-  r.kh = s.kh;
-  r.kw = s.kw;
-  r.pad_h = s.pad_h;
-  r.pad_w = s.pad_w;
-  r.dil_h = s.dil_h;
-  r.dil_w = s.dil_w;
+  static_cast<RowStrips&>(r) = make_row_strips(s, rows);
   r.pairs = (s.c_in + 7) / 8;
   r.k_steps = s.kh * s.kw * r.pairs;
-  r.rows = rows;
-  r.strips_h = (s.h_out + rows - 1) / rows;
-  r.tiles_w = (s.w_out + kPix - 1) / kPix;
-  r.strips = s.n * r.strips_h * r.tiles_w;
-  r.staged_rows = rows + (s.kh - 1) * s.dil_h;
-  r.staged_w = kPix + (s.kw - 1) * s.dil_w;
   r.items = 2 * r.pairs * r.staged_rows * r.staged_w;
   r.x_words = 4 * r.items;
   r.w_words = r.k_steps * 8 * kCo;
@@ -375,19 +352,11 @@ template <bool kChannelsLast, bool kApply>
 int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold& f,
                 float* partials, float* out, bool dry_run) {
   auto kernel = conv_rows_kernel<kChannelsLast, kApply>;
-  const void* entry = reinterpret_cast<const void*>(kernel);
   const size_t smem = smem_bytes(r, kApply);
-  allow_dynamic_smem(entry, smem);
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const int64_t c_blocks = (r.c_out + kCo - 1) / kCo;
-  // Persistent: one wave of resident blocks. The grid depends only on the
-  // device and the shape, so the statistics' merge order is fixed.
-  const int per_sm = std::max(resident_blocks_per_sm(entry, kThreads, smem), 1);
-  const int grid_x = static_cast<int>(std::clamp<int64_t>(
-      static_cast<int64_t>(per_sm) * multiprocessors(device) / c_blocks, 1, r.strips));
+  const int grid_x =
+      row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads, smem, r.c_out, r.strips);
   if (!dry_run) {
-    const dim3 grid(grid_x, static_cast<unsigned>(c_blocks));
+    const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
     kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, partials,
                                                                          out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -420,6 +389,40 @@ RowsShape rows_shape_for(const ConvShape& s, const at::Tensor& x) {
 }
 
 }  // namespace
+
+RowStrips make_row_strips(const ConvShape& s, int rows) {
+  RowStrips r{};
+  r.n = s.n;
+  r.c_in = s.c_in;
+  r.h = s.h;
+  r.w = s.w;
+  r.c_out = s.c_out;
+  r.h_out = s.h_out;
+  r.w_out = s.w_out;
+  r.kh = s.kh;
+  r.kw = s.kw;
+  r.pad_h = s.pad_h;
+  r.pad_w = s.pad_w;
+  r.dil_h = s.dil_h;
+  r.dil_w = s.dil_w;
+  r.rows = rows;
+  r.strips_h = (s.h_out + rows - 1) / rows;
+  r.tiles_w = (s.w_out + kRowsPixels - 1) / kRowsPixels;
+  r.strips = s.n * r.strips_h * r.tiles_w;
+  r.staged_rows = rows + (s.kh - 1) * s.dil_h;
+  r.staged_w = kRowsPixels + (s.kw - 1) * s.dil_w;
+  return r;
+}
+
+int row_kernel_grid(const void* entry, int threads, size_t smem, int64_t c_out, int64_t strips) {
+  allow_dynamic_smem(entry, smem);
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int64_t c_blocks = (c_out + kRowsChannels - 1) / kRowsChannels;
+  const int per_sm = std::max(resident_blocks_per_sm(entry, threads, smem), 1);
+  return static_cast<int>(std::clamp<int64_t>(
+      static_cast<int64_t>(per_sm) * multiprocessors(device) / c_blocks, 1, strips));
+}
 
 int rows_per_strip(int default_rows) {
   const char* v = std::getenv("FUSED_CONV_ROWS_PER_STRIP");

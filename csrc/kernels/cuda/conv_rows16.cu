@@ -56,7 +56,7 @@ namespace {
 
 constexpr int kThreads = 128;  // one warpgroup
 constexpr int kCo = kRowsChannels;
-constexpr int kPix = 128;        // output pixels per MMA (wgmma N)
+constexpr int kPix = kRowsPixels;
 constexpr int kMaxKSteps = 10;   // 20 chunks: K <= 160, the tile kernel's reach
 constexpr int kSlots = 3;        // input ring: the strip in use and two in flight
 constexpr int kChunkBytes = 16;  // 8 channels of one pixel
@@ -76,18 +76,13 @@ enum class Rows16Mode : int {
                // output, unbiasedly rounded (backward, pass 2)
 };
 
-struct Rows16Shape {
-  int64_t n, strips;
-  int c_in, h, w, c_out, h_out, w_out;
-  int kh, kw, pad_h, pad_w, dil_h, dil_w;
-  int planes;   // C_in / 8: 16-byte channel chunks per pixel
-  int chunks;   // kh*kw*planes
-  int k_steps;  // ceil(chunks / 2)
-  int rows, strips_h, tiles_w;
-  int staged_rows, staged_w;  // rows + (kh-1)*dil_h; 128 + (kw-1)*dil_w
-  int items;                  // 16-byte pieces of a strip: planes*staged_rows*staged_w
-  int slot_bytes;             // items*16
-  int w_bytes;                // k_steps*2*64*16
+struct Rows16Shape : RowStrips {
+  int planes;      // C_in / 8: 16-byte channel chunks per pixel
+  int chunks;      // kh*kw*planes
+  int k_steps;     // ceil(chunks / 2)
+  int items;       // 16-byte pieces of a strip: planes*staged_rows*staged_w
+  int slot_bytes;  // items*16
+  int w_bytes;     // k_steps*2*64*16
 };
 
 // Weights, the ring, the zero region, the output stage (apply), the k-step tables.
@@ -98,28 +93,10 @@ size_t smem_bytes(const Rows16Shape& r, bool apply) {
 
 Rows16Shape make_rows16_shape(const ConvShape& s, int rows) {
   Rows16Shape r{};
-  r.n = s.n;
-  r.c_in = s.c_in;
-  r.h = s.h;
-  r.w = s.w;
-  r.c_out = s.c_out;
-  r.h_out = s.h_out;
-  r.w_out = s.w_out;
-  r.kh = s.kh;
-  r.kw = s.kw;
-  r.pad_h = s.pad_h;
-  r.pad_w = s.pad_w;
-  r.dil_h = s.dil_h;
-  r.dil_w = s.dil_w;
+  static_cast<RowStrips&>(r) = make_row_strips(s, rows);
   r.planes = s.c_in / 8;
   r.chunks = s.kh * s.kw * r.planes;
   r.k_steps = (r.chunks + 1) / 2;
-  r.rows = rows;
-  r.strips_h = (s.h_out + rows - 1) / rows;
-  r.tiles_w = (s.w_out + kPix - 1) / kPix;
-  r.strips = s.n * r.strips_h * r.tiles_w;
-  r.staged_rows = rows + (s.kh - 1) * s.dil_h;
-  r.staged_w = kPix + (s.kw - 1) * s.dil_w;
   r.items = r.planes * r.staged_rows * r.staged_w;
   r.slot_bytes = r.items * kChunkBytes;
   r.w_bytes = r.k_steps * 2 * kCo * kChunkBytes;
@@ -470,19 +447,11 @@ template <typename T, Rows16Mode kMode>
 int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f,
                   const GradTerms& gt, float* partials, T* out, bool dry_run) {
   auto kernel = conv_rows16_kernel<T, kMode>;
-  const void* entry = reinterpret_cast<const void*>(kernel);
   const size_t smem = smem_bytes(r, kMode != Rows16Mode::kStats);
-  allow_dynamic_smem(entry, smem);
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const int64_t c_blocks = (r.c_out + kCo - 1) / kCo;
-  // Persistent: one wave of resident blocks. The grid depends only on the
-  // device and the shape, so the sums' merge order is fixed.
-  const int per_sm = std::max(resident_blocks_per_sm(entry, kThreads, smem), 1);
-  const int grid_x = static_cast<int>(std::clamp<int64_t>(
-      static_cast<int64_t>(per_sm) * multiprocessors(device) / c_blocks, 1, r.strips));
+  const int grid_x =
+      row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads, smem, r.c_out, r.strips);
   if (!dry_run) {
-    const dim3 grid(grid_x, static_cast<unsigned>(c_blocks));
+    const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
     kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, gt, partials,
                                                                          out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
