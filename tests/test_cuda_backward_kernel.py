@@ -160,6 +160,33 @@ def test_backward_matches_reference(shape, training, channels_last, dtype):
                    seed=sum(shape) * 7 + training)  # fmt: skip
 
 
+ROWS16_SHAPES = [
+    # float16 / bfloat16 channels_last shapes the 16-bit Hopper row kernel takes (stride 1,
+    # C_in and C_out multiples of 8, W_out >= 64): both backward passes over grad_out on it
+    (2, 8, 9, 130, 64, 3, 1, 0, 1),  # the reference problem's rows (128 pixels)
+    (2, 16, 7, 90, 96, 2, 1, 1, 2),  # two channel chunks, two channel blocks, dilation
+    (1, 24, 6, 67, 24, 1, 1, 1, 1),  # a zero-paired k-step, C_out < 64, odd W_out
+    (1, 8, 6, 129, 72, 1, 1, 0, 1),  # a 1-pixel second column tile, an 8-channel block
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("shape", ROWS16_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sanitize_rows16_backward_matches_reference(shape, training, dtype):
+    n, c_in, h, w, c_out, k, stride, padding, dilation = shape
+    x, p, _ = make(n, c_in, h, w, c_out, k, dtype=dtype, channels_last=True, seed=5)
+    hopper = torch.cuda.get_device_capability()[0] == 9 and "9.0a" in (
+        fused_conv._C.build_info().get("arch_list") or ""
+    )
+    covered = fused_conv._C.cuda_rows16_supports(
+        x, p["weight"], [stride] * 2, [padding] * 2, [dilation] * 2, 1
+    )
+    assert covered == hopper
+    check_backward(shape, dtype=dtype, channels_last=True, training=training,
+                   seed=sum(shape) * 5 + training)  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("wanted", [("input",), ("weight",), ("weight", "bn_weight")], ids="+".join)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5]], ids=["fused_dw", "cudnn_dw"])

@@ -160,6 +160,50 @@ def test_sanitize_rows_kernel_matches_reference(shape, training, channels_last, 
           dilation=dilation, channels_last=channels_last)  # fmt: skip
 
 
+def rows16_kernel_covers(x, w, stride, padding, dilation) -> bool:
+    return fused_conv._C.cuda_rows16_supports(x, w, [stride] * 2, [padding] * 2, [dilation] * 2, 1)
+
+
+ROWS16_SHAPES = [
+    # n, c_in, h, w, c_out, k, stride, padding, dilation (channels_last, C_in and C_out % 8 == 0)
+    (2, 8, 20, 130, 64, 3, 1, 0, 1),  # one exact 128-pixel column tile
+    (2, 8, 9, 300, 64, 3, 1, 1, 1),  # three column tiles (the last 44), strips past H_out
+    (2, 16, 7, 90, 96, 2, 1, 1, 2),  # two channel chunks, two channel blocks, dilation
+    (1, 24, 6, 67, 24, 1, 1, 1, 1),  # 3 chunks (a zero-paired k-step), C_out < 64, odd W_out
+    (1, 8, 6, 129, 72, 1, 1, 0, 1),  # 1x1 (one chunk), a 1-pixel second column tile
+    (1, 8, 3, 64, 64, 3, 1, 1, 1),  # the narrowest row it takes
+]
+
+
+@pytest.mark.parametrize(
+    "kernel", ["rows", "rows-stats", "tile"], ids=["on_rows16", "stats_on_rows16", "on_tile16"]
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("shape", ROWS16_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sanitize_rows16_kernel_matches_reference(shape, training, dtype, kernel, monkeypatch):
+    # float16 / bfloat16 channels_last on Hopper: both passes on the 16-bit row kernel
+    # (conv_rows16.cu) by default, the statistics only (=rows-stats), or neither (=tile).
+    if kernel != "rows":
+        monkeypatch.setenv("FUSED_CONV_FORWARD_KERNEL", kernel)
+    n, c_in, h, w, c_out, k, stride, padding, dilation = shape
+    x, weight, p = make(n, c_in, h, w, c_out, k, dtype=dtype, channels_last=True,
+                        seed=hash(shape) % 1000 + 11)  # fmt: skip
+    covered = rows16_kernel_covers(x, weight, stride, padding, dilation)
+    assert covered == (kernel != "tile" and hopper_with_sm90a())
+    check(x, weight, p, training=training, dtype=dtype, stride=stride, padding=padding,
+          dilation=dilation, channels_last=True)  # fmt: skip
+
+
+def test_rows16_kernel_is_not_taken_outside_its_reach():
+    x, weight, _ = make(1, 8, 40, 70, 16, 3, dtype=torch.bfloat16, channels_last=True)
+    assert not rows16_kernel_covers(x, weight, 2, 1, 1)  # stride 2
+    assert not rows16_kernel_covers(x.contiguous(), weight, 1, 1, 1)  # NCHW
+    x3, w3, _ = make(1, 3, 40, 70, 16, 3, dtype=torch.bfloat16, channels_last=True)
+    assert not rows16_kernel_covers(x3, w3, 1, 1, 1)  # C_in not a multiple of 8
+    assert not rows16_kernel_covers(x.float(), weight.float(), 1, 1, 1)  # float32: conv_rows.cu
+
+
 def test_rows_kernel_is_not_taken_outside_its_reach():
     x, weight, _ = make(1, 8, 40, 70, 16, 3)
     assert not rows_kernel_covers(x, weight, 2, 1, 1)  # stride 2

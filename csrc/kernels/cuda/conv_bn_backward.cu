@@ -3,7 +3,8 @@
 // With y = conv(x) (no bias), ctr = mean - bias, x_hat = (y - ctr) * invstd,
 // k = s * gamma * invstd and M values per channel:
 //
-//   pass 1 (tile kernel, kGradStats): recompute y tile by tile and reduce
+//   pass 1 (tile kernel, kGradStats; for float16 / bfloat16 channels_last on
+//           Hopper the 16-bit row kernel, conv_rows16.h): recompute y and reduce
 //           sum g, sum g*(y - ctr), sum (y - ctr) per channel into per-block
 //           partials; nothing output-sized is written.
 //   finalize (one warp per channel, float64, fixed order: deterministic):
@@ -18,8 +19,9 @@
 //           on tensor cores into per-block partials (summed by
 //           reduce_weight_grad_kernel in a fixed order); g_hat is written (in
 //           the input's dtype and layout) only when grad_input is wanted. Shapes
-//           whose K is too wide for the fused weight gradient use kGradOut
-//           (write g_hat) and cuDNN's weight gradient.
+//           whose K is too wide for the fused weight gradient, and 16-bit
+//           inputs, use kGradOut (write g_hat; the 16-bit row kernel where pass
+//           1 ran on it) and cuDNN's weight gradient.
 //   eval:   g_hat = k*g needs no pass 2: grad_input = conv_transpose(g; k*W)
 //           and grad_weight = k * (the weight gradient of g, cuDNN's).
 //   grad_input = conv_transpose(g_hat; W): the tile kernel as a plain
@@ -37,6 +39,8 @@
 #include "kernels/common/bn_fold.h"
 #include "kernels/common/conv_bn_checks.h"
 #include "kernels/common/conv_call.h"
+#include "kernels/cuda/conv_rows.h"
+#include "kernels/cuda/conv_rows16.h"
 #include "kernels/cuda/grad_coefficients.cuh"
 #include "kernels/cuda/grad_input_correction.h"
 #include "kernels/cuda/grad_input_taps.h"
@@ -129,6 +133,8 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
   // (grad_moments.cu, which also gives the weight gradient) where they cover
   // the shape, else pass 1 and finalize.
   const bool moments = grad_moments_supports(input, weight, stride, padding, dilation, 1);
+  // float16 / bfloat16 channels_last on Hopper: passes 1 and 2 on the 16-bit row kernel.
+  const bool rows16 = !moments && conv_rows16_grad_supports(s, x, grad, input.get_device());
   at::Tensor rows, moments_grad_weight;
   GradTerms terms{grad.const_data_ptr(), center.const_data_ptr<float>(), nullptr, nullptr,
                   nullptr};
@@ -136,15 +142,25 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
     std::tie(rows, moments_grad_weight) = grad_moments(grad, x, w, center, invstd_f, k, padding,
                                                        training, input_weight_mask[1]);
   } else {
-    at::Tensor partials = reduction_partials(s, input);
-    const Launch sums = run_tile_kernel<TileMode::kGradStats>(
-        s, x, w, BnFold{}, terms, at::Tensor(), partials.mutable_data_ptr<float>());
+    at::Tensor partials;
+    int grid_x = 0, bn = 0;
+    if (rows16) {
+      std::tie(partials, grid_x) = conv_rows16_grad_stats(s, x, w, terms);
+      bn = kRowsChannels;
+    } else {
+      partials = reduction_partials(s, input);
+      grid_x = static_cast<int>(run_tile_kernel<TileMode::kGradStats>(
+                                    s, x, w, BnFold{}, terms, at::Tensor(),
+                                    partials.mutable_data_ptr<float>())
+                                    .grid.x);
+      bn = 8 * n_tiles_for(s.c_out);
+    }
     rows = at::empty({kGradRows, s.c_out}, input.options().dtype(at::kFloat));
     finalize_grad_kernel<<<static_cast<unsigned>(s.c_out), 32, 0,
                            c10::cuda::getCurrentCUDAStream()>>>(
-        partials.const_data_ptr<float>(), static_cast<int>(sums.grid.x), 8 * n_tiles_for(s.c_out),
-        s.c_out, invstd_f.const_data_ptr<float>(), k.const_data_ptr<float>(),
-        static_cast<double>(count), training, rows.mutable_data_ptr<float>());
+        partials.const_data_ptr<float>(), grid_x, bn, s.c_out, invstd_f.const_data_ptr<float>(),
+        k.const_data_ptr<float>(), static_cast<double>(count), training,
+        rows.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const at::Tensor sum_g = rows[kSumG];
@@ -212,7 +228,11 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
         grad_weight = grad_weight_f.to(weight.scalar_type());
         if (input_weight_mask[0]) grad_input = conv_grads(g_hat, weight, {true, false}).first;
       } else {
-        run_tile_kernel<TileMode::kGradOut>(s, x, w, BnFold{}, terms, g_hat, nullptr);
+        if (rows16) {
+          conv_rows16_grad_out(s, x, w, terms, g_hat);
+        } else {
+          run_tile_kernel<TileMode::kGradOut>(s, x, w, BnFold{}, terms, g_hat, nullptr);
+        }
         std::tie(grad_input, grad_weight) = conv_grads(g_hat, weight, input_weight_mask);
       }
     } else {

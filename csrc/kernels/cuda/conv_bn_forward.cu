@@ -1,12 +1,13 @@
 // Host side of the fused CUDA forwards: which configurations the tile kernel
 // covers, launch geometry, and the eval / training pipelines.
 //
-//   eval : one launch of the tile kernel, or for float32 stride-1 NCHW shapes
-//          on Hopper the row kernel (conv_rows.h); the BN + scale fold happens
-//          in its prologue from the running statistics (no host sync, no extra
+//   eval : one launch of the tile kernel, or on Hopper the row kernel for
+//          float32 stride-1 NCHW shapes (conv_rows.h) or float16 / bfloat16
+//          channels_last ones (conv_rows16.h); the BN + scale fold happens in
+//          its prologue from the running statistics (no host sync, no extra
 //          launch).
 //   train: statistics pass (the tile kernel recomputing the conv without
-//          writing it, or for float32 stride-1 shapes on Hopper the row kernel;
+//          writing it, or where they apply on Hopper the row kernels;
 //          per-block Chan summaries) -> finalize (one warp per channel merges
 //          the summaries in a fixed order: deterministic) -> the eval-style
 //          pass with the batch statistics.
@@ -18,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "kernels/cuda/conv_rows.h"
+#include "kernels/cuda/conv_rows16.h"
 #include "kernels/cuda/tile_launch.cuh"
 
 namespace fused_conv::cuda {
@@ -83,6 +85,19 @@ at::Tensor empty_output(const at::Tensor& input, const ConvShape& s) {
                                                                  : at::MemoryFormat::Contiguous));
 }
 
+// out = a[c]*conv(x) + d[c] (eval, and the training forward's normalise pass):
+// on a row kernel where one covers the shape, else on the tile kernel.
+void apply_fold(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const BnFold& fold,
+                at::Tensor& out, int device) {
+  if (conv_rows_apply_supports(s, x.scalar_type(), device)) {
+    conv_rows_apply(s, x, w, fold, out);
+  } else if (conv_rows16_apply_supports(s, x, device)) {
+    conv_rows16_apply(s, x, w, fold, out);
+  } else {
+    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
+  }
+}
+
 }  // namespace
 
 bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight,
@@ -97,6 +112,13 @@ bool rows_stats_supports(const at::Tensor& input, const at::Tensor& weight,
   const auto shape = make_tile_shape(input, weight, stride, padding, dilation, groups);
   return shape.has_value() && input.is_cuda() &&
          conv_rows_stats_supports(*shape, input.scalar_type(), input.get_device());
+}
+
+bool rows16_supports(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto shape = make_tile_shape(input, weight, stride, padding, dilation, groups);
+  return shape.has_value() && input.is_cuda() &&
+         conv_rows16_supports(*shape, input.contiguous(format_of(*shape)), input.get_device());
 }
 
 at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
@@ -117,12 +139,7 @@ at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor mean = running_mean.to(at::kFloat).contiguous();
   const at::Tensor var = running_var.to(at::kFloat).contiguous();
   at::Tensor out = empty_output(input, s);
-  const BnFold fold = params.fold(mean, var, false, eps, scale);
-  if (conv_rows_apply_supports(s, x.scalar_type(), input.get_device())) {
-    conv_rows_apply(s, x, w, fold, out);
-  } else {
-    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
-  }
+  apply_fold(s, x, w, params.fold(mean, var, false, eps, scale), out, input.get_device());
   return out;
 }
 
@@ -148,6 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
   if (conv_rows_stats_supports(s, x.scalar_type(), input.get_device())) {
     std::tie(partials, grid_x) = conv_rows_stats(s, x, w);
     bn = kRowsChannels;
+  } else if (conv_rows16_supports(s, x, input.get_device())) {
+    std::tie(partials, grid_x) = conv_rows16_stats(s, x, w);
+    bn = kRowsChannels;
   } else {
     bn = 8 * n_tiles_for(s.c_out);
     partials = reduction_partials(s, input);
@@ -166,12 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
 
   // Pass 3: normalise with the batch statistics.
   at::Tensor out = empty_output(input, s);
-  const BnFold fold = params.fold(mean, invstd, true, eps, scale);
-  if (conv_rows_apply_supports(s, x.scalar_type(), input.get_device())) {
-    conv_rows_apply(s, x, w, fold, out);
-  } else {
-    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
-  }
+  apply_fold(s, x, w, params.fold(mean, invstd, true, eps, scale), out, input.get_device());
   return {out, mean, invstd};
 }
 

@@ -1,5 +1,6 @@
 // Fused CUDA forwards built on the tensor-core tile kernel (conv_tile_kernel.cuh)
-// and, for float32 stride-1 shapes on Hopper, the row kernel (conv_rows.h).
+// and, for stride-1 shapes on Hopper, the row kernels (conv_rows.h: float32;
+// conv_rows16.h: float16 / bfloat16 channels_last).
 // Callers check tile_kernel_supports() first and use the ATen path otherwise.
 #pragma once
 
@@ -23,6 +24,12 @@ bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight,
 bool rows_stats_supports(const at::Tensor& input, const at::Tensor& weight,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                          int64_t groups);
+
+// True when, within the tile kernel's reach, both forward passes take the
+// 16-bit Hopper row kernel (conv_rows16.h): float16 / bfloat16 channels_last,
+// stride 1, C_in and C_out multiples of 8, W_out >= 64, sm_90a.
+bool rows16_supports(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,

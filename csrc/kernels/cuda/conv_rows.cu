@@ -42,6 +42,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "kernels/cuda/rows_statistics.cuh"
 #include "kernels/cuda/tf32_mma.cuh"
 #include "kernels/cuda/tile_launch.cuh"
 #include "kernels/cuda/wgmma_tf32.cuh"
@@ -51,7 +52,7 @@ namespace {
 
 constexpr int kThreads = 128;  // one warpgroup
 constexpr int kCo = kRowsChannels;
-constexpr int kPix = 128;  // output pixels per MMA (wgmma N)
+constexpr int kPix = kRowsPixels;
 constexpr int kMaxKSteps = 32;
 // At most this much shared memory per block: two blocks per multiprocessor
 // (the reference problem takes 104 KB).
@@ -66,19 +67,14 @@ constexpr int kStageWords = 4 * 8 * kStageRow;  // 4 warps
 constexpr int kDefaultRows = 2;
 [[maybe_unused]] constexpr int kMinWidth = 64;  // narrower rows waste most of the 128-pixel MMA
 
-struct RowsShape {
-  int64_t n, strips;
-  int c_in, h, w, c_out, h_out, w_out;
-  int kh, kw, pad_h, pad_w, dil_h, dil_w;
-  int pairs;    // ceil(C_in / 8): k-steps per tap
-  int k_steps;  // kh*kw*pairs
-  int rows, strips_h, tiles_w;
-  int staged_rows, staged_w;  // rows + (kh-1)*dil_h; 128 + (kw-1)*dil_w
-  int items;                  // 4-channel items of a strip: 2*pairs*staged_rows*staged_w
-  int x_words;                // 4*items: one staged strip (raw, big or small)
-  int w_words;                // one split term of the staged weights
-  bool vec4;                  // NHWC: 16-byte copies of 4 channels
-  bool pair_stores;           // W_out even: 8-byte stores of pixel pairs
+struct RowsShape : RowStrips {
+  int pairs;        // ceil(C_in / 8): k-steps per tap
+  int k_steps;      // kh*kw*pairs
+  int items;        // 4-channel items of a strip: 2*pairs*staged_rows*staged_w
+  int x_words;      // 4*items: one staged strip (raw, big or small)
+  int w_words;      // one split term of the staged weights
+  bool vec4;        // NHWC: 16-byte copies of 4 channels
+  bool pair_stores; // W_out even: 8-byte stores of pixel pairs
 };
 
 // Weights (big, small), the split strip (big, small), the raw ring (2 strips),
@@ -92,37 +88,13 @@ size_t smem_bytes(const RowsShape& r, bool apply) {
 
 RowsShape make_rows_shape(const ConvShape& s, int rows) {
   RowsShape r{};
-  r.n = s.n;
-  r.c_in = s.c_in;
-  r.h = s.h;
-  r.w = s.w;
-  r.c_out = s.c_out;
-  r.h_out = s.h_out;
-  r.w_out = s.w_out;
-  r.kh = s.kh;
-  r.kw = s.kw;
-  r.pad_h = s.pad_h;
-  r.pad_w = s.pad_w;
-  r.dil_h = s.dil_h;
-  r.dil_w = s.dil_w;
+  static_cast<RowStrips&>(r) = make_row_strips(s, rows);
   r.pairs = (s.c_in + 7) / 8;
   r.k_steps = s.kh * s.kw * r.pairs;
-  r.rows = rows;
-  r.strips_h = (s.h_out + rows - 1) / rows;
-  r.tiles_w = (s.w_out + kPix - 1) / kPix;
-  r.strips = s.n * r.strips_h * r.tiles_w;
-  r.staged_rows = rows + (s.kh - 1) * s.dil_h;
-  r.staged_w = kPix + (s.kw - 1) * s.dil_w;
   r.items = 2 * r.pairs * r.staged_rows * r.staged_w;
   r.x_words = 4 * r.items;
   r.w_words = r.k_steps * 8 * kCo;
   return r;
-}
-
-int rows_per_strip() {
-  const char* v = std::getenv("FUSED_CONV_ROWS_PER_STRIP");
-  const int rows = v != nullptr ? std::atoi(v) : 0;
-  return rows >= 1 && rows <= 16 ? rows : kDefaultRows;
 }
 
 #if FUSED_CONV_WGMMA
@@ -258,7 +230,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // Running (count, mean, M2) of this thread's channels c_base + 16*warp + g
   // (accumulators d[j][0..1]) and + 8 (d[j][2..3]); pixels 8j + 2t (+1).
-  float st_n = 0.f, st_mean[2] = {0.f, 0.f}, st_m2[2] = {0.f, 0.f};
+  RowStatistics stats;
   // Not initialised: a row's first MMA has scale-d = 0 (ks == 0), and zeroing
   // instructions near the MMAs would make ptxas serialize them (C7515).
   float acc[16][4];
@@ -302,22 +274,8 @@ __global__ void __launch_bounds__(kThreads)
 
     const int rows = min(s.rows, s.h_out - oh0);
     const int lim = s.w_out - ow0;  // valid pixels of the tile (may exceed 128)
-    // This thread's pixels 8j + 2t (+1) as 1/0 weights for the row sums (one
-    // FFMA per value instead of a compare and select per use), and their count
-    // over the quad of lanes that shares the channels.
-    float valid[16][2];
-    float cnt = 0.f;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        valid[j][e] = 8 * j + 2 * t + e < lim ? 1.f : 0.f;
-        cnt += valid[j][e];
-      }
-    }
-    cnt += __shfl_xor_sync(0xffffffffu, cnt, 1);
-    cnt += __shfl_xor_sync(0xffffffffu, cnt, 2);
-    const float inv = 1.f / cnt;
+    float valid[16][2], cnt, inv;  // the statistics' pixel weights
+    row_pixel_weights(lim, t, valid, cnt, inv);
     for (int r = 0; r < rows; ++r) {
       wgmma_fence();
       for (int ks = 0; ks < s.k_steps; ++ks) {
@@ -378,50 +336,12 @@ __global__ void __launch_bounds__(kThreads)
         continue;
       }
 
-      // The row's mean and M2 per channel over its valid pixels (the 4 lanes t
-      // of a quad share the channels), Chan-merged into the running ones.
-      const float n_new = st_n + cnt;
-      const float frac = cnt / n_new, cross = st_n * frac;
-#pragma unroll
-      for (int p = 0; p < 2; ++p) {
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          sum = fmaf(valid[j][0], acc[j][2 * p], sum);
-          sum = fmaf(valid[j][1], acc[j][2 * p + 1], sum);
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float m = sum * inv;
-        float m2 = 0.f;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const float d0 = acc[j][2 * p] - m, d1 = acc[j][2 * p + 1] - m;
-          m2 = fmaf(d0 * valid[j][0], d0, m2);
-          m2 = fmaf(d1 * valid[j][1], d1, m2);
-        }
-        m2 += __shfl_xor_sync(0xffffffffu, m2, 1);
-        m2 += __shfl_xor_sync(0xffffffffu, m2, 2);
-        const float delta = m - st_mean[p];
-        st_mean[p] += delta * frac;
-        st_m2[p] += m2 + delta * delta * cross;
-      }
-      st_n = n_new;
+      stats.add_row(acc, valid, cnt, inv);
     }
   }
   cp_async_wait<0>();  // no copy outlives the block (the last slots are empty groups)
 
-  if (!kApply && t == 0) {
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kCo +
-                               16 * warp + g + 8 * p) *
-                                  3;
-      dst[0] = st_n;
-      dst[1] = st_mean[p];
-      dst[2] = st_m2[p];
-    }
-  }
+  if (!kApply) stats.write(partials, warp, g, t);
 #else
   // Not compiled for sm_90a: conv_rows_stats_supports() never selects this kernel.
   __trap();
@@ -432,19 +352,11 @@ template <bool kChannelsLast, bool kApply>
 int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold& f,
                 float* partials, float* out, bool dry_run) {
   auto kernel = conv_rows_kernel<kChannelsLast, kApply>;
-  const void* entry = reinterpret_cast<const void*>(kernel);
   const size_t smem = smem_bytes(r, kApply);
-  allow_dynamic_smem(entry, smem);
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const int64_t c_blocks = (r.c_out + kCo - 1) / kCo;
-  // Persistent: one wave of resident blocks. The grid depends only on the
-  // device and the shape, so the statistics' merge order is fixed.
-  const int per_sm = std::max(resident_blocks_per_sm(entry, kThreads, smem), 1);
-  const int grid_x = static_cast<int>(std::clamp<int64_t>(
-      static_cast<int64_t>(per_sm) * multiprocessors(device) / c_blocks, 1, r.strips));
+  const int grid_x =
+      row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads, smem, r.c_out, r.strips);
   if (!dry_run) {
-    const dim3 grid(grid_x, static_cast<unsigned>(c_blocks));
+    const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
     kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, partials,
                                                                          out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -455,7 +367,7 @@ int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold
 // Whether the shape's k-steps and shared memory (kApply: with the output
 // stage) fit the row kernel at two blocks per multiprocessor.
 bool rows_fit(const ConvShape& s, bool apply, int device) {
-  const RowsShape r = make_rows_shape(s, rows_per_strip());
+  const RowsShape r = make_rows_shape(s, rows_per_strip(kDefaultRows));
   const size_t bytes = smem_bytes(r, apply);
   return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
          bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
@@ -470,18 +382,58 @@ int run_rows_stats(const RowsShape& r, bool channels_last, const at::Tensor& x,
 }
 
 RowsShape rows_shape_for(const ConvShape& s, const at::Tensor& x) {
-  RowsShape r = make_rows_shape(s, rows_per_strip());
+  RowsShape r = make_rows_shape(s, rows_per_strip(kDefaultRows));
   r.vec4 = s.channels_last && s.c_in % 4 == 0 &&
            reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
   return r;
+}
+
+}  // namespace
+
+RowStrips make_row_strips(const ConvShape& s, int rows) {
+  RowStrips r{};
+  r.n = s.n;
+  r.c_in = s.c_in;
+  r.h = s.h;
+  r.w = s.w;
+  r.c_out = s.c_out;
+  r.h_out = s.h_out;
+  r.w_out = s.w_out;
+  r.kh = s.kh;
+  r.kw = s.kw;
+  r.pad_h = s.pad_h;
+  r.pad_w = s.pad_w;
+  r.dil_h = s.dil_h;
+  r.dil_w = s.dil_w;
+  r.rows = rows;
+  r.strips_h = (s.h_out + rows - 1) / rows;
+  r.tiles_w = (s.w_out + kRowsPixels - 1) / kRowsPixels;
+  r.strips = s.n * r.strips_h * r.tiles_w;
+  r.staged_rows = rows + (s.kh - 1) * s.dil_h;
+  r.staged_w = kRowsPixels + (s.kw - 1) * s.dil_w;
+  return r;
+}
+
+int row_kernel_grid(const void* entry, int threads, size_t smem, int64_t c_out, int64_t strips) {
+  allow_dynamic_smem(entry, smem);
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int64_t c_blocks = (c_out + kRowsChannels - 1) / kRowsChannels;
+  const int per_sm = std::max(resident_blocks_per_sm(entry, threads, smem), 1);
+  return static_cast<int>(std::clamp<int64_t>(
+      static_cast<int64_t>(per_sm) * multiprocessors(device) / c_blocks, 1, strips));
+}
+
+int rows_per_strip(int default_rows) {
+  const char* v = std::getenv("FUSED_CONV_ROWS_PER_STRIP");
+  const int rows = v != nullptr ? std::atoi(v) : 0;
+  return rows >= 1 && rows <= 16 ? rows : default_rows;
 }
 
 const char* forward_kernel_choice() {
   const char* v = std::getenv("FUSED_CONV_FORWARD_KERNEL");
   return v != nullptr ? v : "";
 }
-
-}  // namespace
 
 bool conv_rows_stats_supports(const ConvShape& s, at::ScalarType dtype, int device) {
 #ifndef FUSED_CONV_BUILT_SM90A

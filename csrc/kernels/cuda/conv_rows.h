@@ -14,9 +14,36 @@
 
 namespace fused_conv::cuda {
 
+// FUSED_CONV_ROWS_PER_STRIP (1..16) if set, else default_rows: the output rows
+// a row-kernel block computes per staged strip.
+int rows_per_strip(int default_rows);
+// FUSED_CONV_FORWARD_KERNEL: "tile" (no row kernel), "rows-stats" (the row
+// kernels for the statistics pass only) or unset / anything else (both passes).
+const char* forward_kernel_choice();
+
 // Output channels per block (the MMA's M): the statistics partials are
 // [ceil(C_out / 64)][grid][64][3], as finalize_stats_kernel reads them.
 constexpr int kRowsChannels = 64;
+// Output pixels per MMA (its N): a block's column tile.
+constexpr int kRowsPixels = 128;
+
+// What the row kernels (conv_rows.cu, conv_rows16.cu) share: the convolution
+// and a block's work items, strips of `rows` output rows x one 128-pixel
+// column tile of one image (strips = n*strips_h*tiles_w, column tiles
+// fastest), staged with their halo (staged_rows x staged_w input positions).
+struct RowStrips {
+  int64_t n, strips;
+  int c_in, h, w, c_out, h_out, w_out;
+  int kh, kw, pad_h, pad_w, dil_h, dil_w;
+  int rows, strips_h, tiles_w;
+  int staged_rows, staged_w;  // rows + (kh-1)*dil_h; 128 + (kw-1)*dil_w
+};
+RowStrips make_row_strips(const ConvShape& s, int rows);
+
+// The persistent grid width of a row kernel `entry` (one wave of resident
+// blocks per channel block; it depends only on the device and the shape, so a
+// statistics merge order is fixed), after opting it in to `smem` bytes.
+int row_kernel_grid(const void* entry, int threads, size_t smem, int64_t c_out, int64_t strips);
 
 // Whether the row kernel covers the shape on `device`: compiled for sm_90a and
 // running on compute capability 9, float32, stride 1, W_out >= 64, K small

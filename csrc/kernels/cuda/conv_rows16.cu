@@ -1,0 +1,553 @@
+// The forward as one warpgroup MMA chain per output row for float16 / bfloat16
+// channels_last tensors (Hopper, sm_90a; stride 1, C_in and C_out multiples of
+// 8), in two passes like the float32 row kernel (conv_rows.cu): statistics
+// (per-channel Chan summaries of conv(x), nothing written) and apply
+// (out = a[c]*conv(x) + d[c], rounded to the input's dtype).
+//
+// GEMM per output row oh and 128-pixel column tile:
+//   D(64 output channels x 128 pixels) = W(64 x K) * X(K x 128),
+//   K = (input channel chunk p of 8, tap (r, q)), one chunk = 8 channels of a tap.
+// wgmma reads 16-bit operands from shared memory K-major in core matrices of 8
+// rows x 16 bytes (8 values of K). In NHWC, 8 channels of a pixel are 16
+// contiguous bytes, so a strip of input rows staged as [chunk p][row][column]
+// [8 channels] (a verbatim copy of the NHWC rows when C_in = 8) holds, at
+// (p, staged row oh - oh0 + r*dil_h, column j + q*dil_w), the core matrix of
+// chunk (p, r, q) for pixels j..j+7: 128 contiguous bytes, the next 8 pixels
+// 128 bytes further (stride byte offset). No conversion, no im2col: the MMAs
+// read the copied input directly.
+//
+// A k16-step is two chunks (leading byte offset = the distance between their
+// core matrices, a constant per step because both move with the row and the
+// pixel group alike). Chunks are ordered (p, r, q), which is ascending in the
+// staged layout, so the second of a pair always lies above the first; an odd
+// last chunk pairs with a 2 KB zero region placed above the ring (its offset
+// then depends on the row: computed per MMA). W is staged [k-step][k-half]
+// [channel][8] (k-halves 1 KB apart, 8-channel groups 128 bytes apart), zeros
+// past C_out and for the padding chunk.
+//
+// A block is one warpgroup, persistent over strips of `rows` output rows of one
+// image and one column tile; the input arrives by 16-byte cp.async (zero fill
+// outside the image) into a 3-slot ring, two strips ahead. Per output row the
+// warpgroup issues ceil(K / 16) MMAs (5 for 3x3 x 8 channels), waits, then:
+//   statistics: folds the row into per-thread Chan summaries (rows_statistics.cuh);
+//   apply: a*acc + d rounded to 16 bits, written by stmatrix.trans into an
+//     [pixel][64 channels] stage (rows 144 bytes apart: 8 consecutive pixels in
+//     distinct banks), then the block writes the stage as 16-byte pieces, which
+//     for C_out = 64 is one contiguous run of W_out*128 bytes of the output.
+// Shared memory ~68 KB for the reference problem: 3 blocks per multiprocessor.
+#include "kernels/cuda/conv_rows16.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cuda/conv_rows.h"
+#include "kernels/cuda/rows_statistics.cuh"
+#include "kernels/cuda/tf32_mma.cuh"
+#include "kernels/cuda/tile_launch.cuh"
+#include "kernels/cuda/wgmma_16bit.cuh"
+
+namespace fused_conv::cuda {
+namespace {
+
+constexpr int kThreads = 128;  // one warpgroup
+constexpr int kCo = kRowsChannels;
+constexpr int kPix = kRowsPixels;
+constexpr int kMaxKSteps = 10;   // 20 chunks: K <= 160, the tile kernel's reach
+constexpr int kSlots = 3;        // input ring: the strip in use and two in flight
+constexpr int kChunkBytes = 16;  // 8 channels of one pixel
+constexpr int kStageRow = 144;   // bytes per staged pixel: 64 channels + 16
+constexpr int kStageBytes = kPix * kStageRow;
+constexpr int kZeroBytes = 16 * 128;  // the 16 pixel groups of one core-matrix column
+constexpr int kDefaultRows = 4;       // the strip's halo is re-read (kh-1)/rows times
+[[maybe_unused]] constexpr int kMinWidth = 64;
+[[maybe_unused]] constexpr size_t kMaxSmem = 113 * 1024;  // at least two blocks per multiprocessor
+
+// What one launch computes from y = conv(x) (no bias), per output row:
+enum class Rows16Mode : int {
+  kStats,      // per-block (count, mean, M2) of y (training forward, pass 1)
+  kApply,      // out = a[c]*y + d[c] (forward)
+  kGradStats,  // per-block sums of g, g*(y - ctr), y - ctr (backward, pass 1)
+  kGradOut,    // out = A[c]*g + C[c]*(y - ctr) + D[c], the gradient at the conv
+               // output, unbiasedly rounded (backward, pass 2)
+};
+
+struct Rows16Shape : RowStrips {
+  int planes;      // C_in / 8: 16-byte channel chunks per pixel
+  int chunks;      // kh*kw*planes
+  int k_steps;     // ceil(chunks / 2)
+  int items;       // 16-byte pieces of a strip: planes*staged_rows*staged_w
+  int slot_bytes;  // items*16
+  int w_bytes;     // k_steps*2*64*16
+};
+
+// Weights, the ring, the zero region, the output stage (apply), the k-step tables.
+size_t smem_bytes(const Rows16Shape& r, bool apply) {
+  return static_cast<size_t>(r.w_bytes) + static_cast<size_t>(kSlots) * r.slot_bytes +
+         kZeroBytes + (apply ? kStageBytes : 0) + 2 * kMaxKSteps * sizeof(int);
+}
+
+Rows16Shape make_rows16_shape(const ConvShape& s, int rows) {
+  Rows16Shape r{};
+  static_cast<RowStrips&>(r) = make_row_strips(s, rows);
+  r.planes = s.c_in / 8;
+  r.chunks = s.kh * s.kw * r.planes;
+  r.k_steps = (r.chunks + 1) / 2;
+  r.items = r.planes * r.staged_rows * r.staged_w;
+  r.slot_bytes = r.items * kChunkBytes;
+  r.w_bytes = r.k_steps * 2 * kCo * kChunkBytes;
+  return r;
+}
+
+#if FUSED_CONV_WGMMA
+// A K-major descriptor from a shared-memory address (see wgmma_desc_k_major).
+__device__ __forceinline__ uint64_t desc_at(uint32_t addr, uint32_t lead_bytes,
+                                            uint32_t stride_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         static_cast<uint64_t>((lead_bytes & 0x3FFFF) >> 4) << 16 |
+         static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32;
+}
+
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float2 unpack_pair(uint32_t v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&v));
+  }
+}
+
+// Two values of a pixel pair (NHWC offsets off and off + c_out), each rounded
+// to T without bias (round_unbiased: conv_tile_kernel.cuh), packed low = first.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_rounded(float lo, float hi, int64_t off, int c_out) {
+  const T a = round_unbiased<T>(lo, off), b = round_unbiased<T>(hi, off + c_out);
+  return static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&a)) |
+         static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&b)) << 16;
+}
+
+// Writes the stage's `pieces` 16-byte (pixel, 8-channel group) pieces of the
+// block's channels to `dst` (pixel 0, channel c_base of an output row); NHWC
+// pixels are C_out values apart, so for C_out = 64 the pieces are one
+// contiguous run.
+template <typename T>
+__device__ __forceinline__ void write_stage(const unsigned char* stage, T* __restrict__ dst,
+                                            int c_out, int pieces, int groups) {
+  for (int q = threadIdx.x; q < pieces; q += kThreads) {
+    const int px = q >> 3, cg = q & 7;
+    if (cg < groups) {
+      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(px) * c_out + 8 * cg) =
+          *reinterpret_cast<const uint4*>(stage + px * kStageRow + cg * 16);
+    }
+  }
+}
+
+// Issues the 16-byte copies of one strip's input rows ih0.. and columns iw0..
+// of image n into the slot at `dst` ([chunk][row][column][8 channels], zeros
+// outside the image). Item order: chunk, column, row (consecutive threads read
+// consecutive 16-byte pieces of an NHWC row), advanced by carries.
+template <typename T>
+__device__ __forceinline__ void copy_strip16(const T* __restrict__ x, const Rows16Shape& s,
+                                             int64_t n, int ih0, int iw0, uint32_t dst) {
+  const T* img = x + n * (static_cast<int64_t>(s.h) * s.w * s.c_in);
+  // kThreads / planes < staged_w: one carry per digit and step suffices.
+  int pl = threadIdx.x % s.planes, px = threadIdx.x / s.planes, sr = 0;
+  for (int i = threadIdx.x; i < s.items; i += kThreads) {
+    const int ih = ih0 + sr, iw = iw0 + px;
+    const bool inside = static_cast<unsigned>(ih) < static_cast<unsigned>(s.h) &&
+                        static_cast<unsigned>(iw) < static_cast<unsigned>(s.w);
+    const T* src = inside ? img + (static_cast<int64_t>(ih) * s.w + iw) * s.c_in + 8 * pl : img;
+    cp_async_16(dst + ((pl * s.staged_rows + sr) * s.staged_w + px) * kChunkBytes, src, inside);
+    pl += kThreads % s.planes;
+    px += kThreads / s.planes;
+    if (pl >= s.planes) pl -= s.planes, ++px;
+    if (px >= s.staged_w) px -= s.staged_w, ++sr;
+  }
+}
+#endif
+
+template <typename T, Rows16Mode kMode>
+__global__ void __launch_bounds__(kThreads)
+    conv_rows16_kernel(const T* __restrict__ x, const T* __restrict__ w, Rows16Shape s, BnFold f,
+                       GradTerms gt, float* __restrict__ partials, T* __restrict__ out) {
+#if FUSED_CONV_WGMMA
+  constexpr bool kApply = kMode == Rows16Mode::kApply;
+  constexpr bool kGrad = kMode == Rows16Mode::kGradStats || kMode == Rows16Mode::kGradOut;
+  constexpr bool kStaged = kMode != Rows16Mode::kStats;  // uses the [pixel][channel] stage
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* w_s = smem;
+  unsigned char* ring = w_s + s.w_bytes;
+  unsigned char* zero = ring + kSlots * s.slot_bytes;
+  unsigned char* stage = zero + kZeroBytes;
+  int* step_off = reinterpret_cast<int*>(stage + (kStaged ? kStageBytes : 0));
+  int* step_lead = step_off + kMaxKSteps;
+  const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  const uint32_t zero_addr = static_cast<uint32_t>(__cvta_generic_to_shared(zero));
+  const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
+
+  // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
+  // branch near the wgmmas looks divergent (ptxas would serialize them).
+  const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0);
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int c_base = blockIdx.y * kCo;
+  const int taps = s.kh * s.kw;
+  const int64_t step = gridDim.x;
+  const int row_bytes = s.staged_w * kChunkBytes;
+
+  const auto copy = [&](int64_t strip, int slot) {
+    const int64_t row_tile = strip / s.tiles_w;
+    const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
+    const int64_t n = row_tile / s.strips_h;
+    const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
+    copy_strip16<T>(x, s, n, oh0 - s.pad_h, ow0 - s.pad_w, ring_addr + slot * s.slot_bytes);
+  };
+  // The first kSlots - 1 strips' copies fly while the weights are staged. One
+  // commit per strip, empty or not, keeps the group count uniform.
+#pragma unroll
+  for (int i = 0; i < kSlots - 1; ++i) {
+    if (blockIdx.x + i * step < s.strips) copy(blockIdx.x + i * step, i);
+    cp_async_commit();
+  }
+
+  // Weights, element (k-step ks, k-half kc, channel co, e) = chunk u = 2ks + kc
+  // = (p, tap), input channel 8p + e; zeros past the chunks and C_out.
+  T* w_t = reinterpret_cast<T*>(w_s);
+  for (int i = threadIdx.x; i < s.k_steps * 2 * kCo * 8; i += kThreads) {
+    const int u = i / (kCo * 8), co = (i >> 3) & (kCo - 1), e = i & 7;
+    const int p = u / taps, tap = u - p * taps, c = c_base + co;
+    w_t[i] = u < s.chunks && c < s.c_out
+                 ? w[(static_cast<int64_t>(c) * s.c_in + 8 * p + e) * taps + tap]
+                 : from_float<T>(0.f);
+  }
+  for (int i = threadIdx.x; i < kZeroBytes / 16; i += kThreads) {
+    reinterpret_cast<uint4*>(zero)[i] = make_uint4(0, 0, 0, 0);
+  }
+  // Per k-step, the first chunk's core matrix relative to the strip slot (for
+  // output row 0) and the distance to the second (-1: the zero region).
+  if (threadIdx.x < s.k_steps) {
+    const auto chunk_off = [&](int u) {
+      const int p = u / taps, tap = u - p * taps, r = tap / s.kw, q = tap - r * s.kw;
+      return ((p * s.staged_rows + r * s.dil_h) * s.staged_w + q * s.dil_w) * kChunkBytes;
+    };
+    const int u0 = 2 * threadIdx.x;
+    step_off[threadIdx.x] = chunk_off(u0);
+    step_lead[threadIdx.x] = u0 + 1 < s.chunks ? chunk_off(u0 + 1) - chunk_off(u0) : -1;
+  }
+  fence_proxy_async_shared();  // the weights and zeros, visible to wgmma
+
+  const uint64_t a_desc = wgmma_desc_k_major(w_s, kCo * kChunkBytes, 128);
+  constexpr uint32_t kAStep = 2 * kCo * kChunkBytes >> 4;  // one k-step of W, descriptor units
+
+  RowStatistics stats;
+  // Per channel of this thread (c_mine, c_mine + 8; zeros past C_out, whose
+  // values are never stored): kApply the fold (fa, fd); kGrad the centre ctr
+  // and kGradOut g_hat's coefficients (fa = A, fc = C, fd = D).
+  const int c_mine = c_base + 16 * warp + g;
+  float fa[2] = {0.f, 0.f}, fd[2] = {0.f, 0.f}, fc[2] = {0.f, 0.f}, ctr[2] = {0.f, 0.f};
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const int c = c_mine + 8 * p;
+    if (c >= s.c_out) continue;
+    if constexpr (kApply) bn_fold_coefficients(f, c, fa[p], fd[p]);
+    if constexpr (kGrad) ctr[p] = gt.center[c];
+    if constexpr (kMode == Rows16Mode::kGradOut) {
+      fa[p] = gt.coef_g[c];
+      fc[p] = gt.coef_y[c];
+      fd[p] = gt.coef_1[c];
+    }
+  }
+  // kGradStats: this thread's running sums of g, g*(y - ctr), y - ctr per
+  // channel (each row's float32 sums added in float64).
+  double gs_g[2] = {0.0, 0.0}, gs_gy[2] = {0.0, 0.0}, gs_y[2] = {0.0, 0.0};
+  const T* __restrict__ grad = static_cast<const T*>(gt.grad);
+  const int groups = min(8, (s.c_out - c_base) / 8);  // the block's 8-channel groups
+  // Not initialised: a row's first MMA has scale-d = 0 (ks == 0), and zeroing
+  // instructions near the MMAs would make ptxas serialize them (C7515).
+  float acc[16][4];
+
+  int slot = 0;
+  for (int64_t strip = blockIdx.x; strip < s.strips; strip += step) {
+    const int64_t row_tile = strip / s.tiles_w;
+    const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
+    const int64_t n = row_tile / s.strips_h;
+    const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
+    // This strip's copies (all but the newest group) have landed for this
+    // thread; the fence hands them to the async proxy, the barrier makes
+    // everyone's visible, and every warp has retired the previous strip's MMAs
+    // (wait_group 0 per row), so its slot may be refilled.
+    cp_async_wait<kSlots - 2>();
+    fence_proxy_async_shared();
+    __syncthreads();
+    const int refill = slot == 0 ? kSlots - 1 : slot - 1;
+    if (strip + (kSlots - 1) * step < s.strips) copy(strip + (kSlots - 1) * step, refill);
+    cp_async_commit();
+
+    const int rows = min(s.rows, s.h_out - oh0);
+    const int lim = s.w_out - ow0;  // valid pixels of the tile (may exceed 128)
+    float valid[16][2], cnt = 0.f, inv = 0.f;  // the statistics' pixel weights
+    if constexpr (!kApply) row_pixel_weights(lim, t, valid, cnt, inv);
+    const int pieces = min(lim, kPix) * 8;  // 16-byte (pixel, 8-channel group) pieces
+    const uint32_t slot_addr = ring_addr + slot * s.slot_bytes;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row_pix = (n * s.h_out + oh0 + r) * s.w_out + ow0;  // NHWC pixel index
+      // kGrad: this thread's pieces of the row's g (zeros outside), loaded
+      // before the MMAs so that their latency runs under them.
+      uint4 g_pieces[kPix * 8 / kThreads];
+      if constexpr (kGrad) {
+#pragma unroll
+        for (int i = 0; i < kPix * 8 / kThreads; ++i) {
+          const int q = threadIdx.x + i * kThreads, px = q >> 3, cg = q & 7;
+          g_pieces[i] = q < pieces && cg < groups
+                            ? __ldcs(reinterpret_cast<const uint4*>(
+                                  grad + (row_pix + px) * s.c_out + c_base + 8 * cg))
+                            : make_uint4(0, 0, 0, 0);
+        }
+      }
+      wgmma_fence();
+      for (int ks = 0; ks < s.k_steps; ++ks) {
+        const uint32_t b0 = slot_addr + step_off[ks] + r * row_bytes;
+        const int lead = step_lead[ks];
+        const uint32_t b_lead = lead >= 0 ? static_cast<uint32_t>(lead) : zero_addr - b0;
+        wgmma_16bit_ss_n128<T>(acc, a_desc + ks * kAStep, desc_at(b0, b_lead, 128), ks);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_accumulators(acc);
+
+      if constexpr (kApply) {
+        // Matrices (pixel group j, channel half p) and (j + 1, p) of this warp,
+        // four per stmatrix: lane 8m + i supplies the stage address of pixel
+        // 8(j + m/2) + i, channels 16*warp + 8(m % 2).
+        const int m = lane >> 3, i = lane & 7;
+#pragma unroll
+        for (int j = 0; j < 16; j += 2) {
+          uint32_t v[4];
+#pragma unroll
+          for (int mm = 0; mm < 4; ++mm) {
+            const int jm = j + (mm >> 1), p = mm & 1;
+            v[mm] = pack_pair<T>(fmaf(fa[p], acc[jm][2 * p], fd[p]),
+                                 fmaf(fa[p], acc[jm][2 * p + 1], fd[p]));
+          }
+          const int px = 8 * (j + (m >> 1)) + i, ch = 16 * warp + 8 * (m & 1);
+          stmatrix_x4_trans(stage_addr + px * kStageRow + ch * 2, v[0], v[1], v[2], v[3]);
+        }
+        __syncthreads();
+        write_stage(stage, out + row_pix * s.c_out + c_base, s.c_out, pieces, groups);
+        __syncthreads();  // the stage is rewritten by the next row
+      } else if constexpr (kGrad) {
+        // g's pieces into the stage, then back as fragments by ldmatrix.trans
+        // (the stmatrix mapping in reverse): g at exactly the accumulators'
+        // (channel, pixel) positions. Each warp then reads (and, kGradOut,
+        // rewrites in place) only its own 16 channels of the stage.
+#pragma unroll
+        for (int i = 0; i < kPix * 8 / kThreads; ++i) {
+          const int q = threadIdx.x + i * kThreads;
+          *reinterpret_cast<uint4*>(stage + (q >> 3) * kStageRow + (q & 7) * 16) = g_pieces[i];
+        }
+        __syncthreads();
+        const int m = lane >> 3, i = lane & 7;
+        float row_g[2] = {0.f, 0.f}, row_gy[2] = {0.f, 0.f}, row_y[2] = {0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < 16; j += 2) {
+          const uint32_t addr =
+              stage_addr + (8 * (j + (m >> 1)) + i) * kStageRow + (16 * warp + 8 * (m & 1)) * 2;
+          uint32_t gr[4];
+          ldmatrix_x4_trans(addr, gr[0], gr[1], gr[2], gr[3]);
+          uint32_t v[4];
+#pragma unroll
+          for (int mm = 0; mm < 4; ++mm) {
+            const int jm = j + (mm >> 1), p = mm & 1;
+            const float2 gv = unpack_pair<T>(gr[mm]);
+            const float y0 = acc[jm][2 * p] - ctr[p], y1 = acc[jm][2 * p + 1] - ctr[p];
+            if constexpr (kMode == Rows16Mode::kGradStats) {
+              row_g[p] += gv.x + gv.y;
+              row_gy[p] = fmaf(gv.x, y0, fmaf(gv.y, y1, row_gy[p]));
+              row_y[p] = fmaf(valid[jm][0], y0, fmaf(valid[jm][1], y1, row_y[p]));
+            } else {
+              // NHWC element offsets seed the unbiased rounding, as in the tile kernel.
+              const int64_t off =
+                  (row_pix + 8 * jm + 2 * t) * s.c_out + c_mine + 8 * p;
+              v[mm] = pack_rounded<T>(fmaf(fa[p], gv.x, fmaf(fc[p], y0, fd[p])),
+                                      fmaf(fa[p], gv.y, fmaf(fc[p], y1, fd[p])), off, s.c_out);
+            }
+          }
+          if constexpr (kMode == Rows16Mode::kGradOut) {
+            stmatrix_x4_trans(addr, v[0], v[1], v[2], v[3]);
+          }
+        }
+        if constexpr (kMode == Rows16Mode::kGradStats) {
+#pragma unroll
+          for (int p = 0; p < 2; ++p) {
+            gs_g[p] += row_g[p];
+            gs_gy[p] += row_gy[p];
+            gs_y[p] += row_y[p];
+          }
+        } else {
+          __syncthreads();
+          write_stage(stage, out + row_pix * s.c_out + c_base, s.c_out, pieces, groups);
+        }
+        __syncthreads();  // the stage is rewritten by the next row
+      } else {
+        stats.add_row(acc, valid, cnt, inv);
+      }
+    }
+    slot = slot == kSlots - 1 ? 0 : slot + 1;
+  }
+  cp_async_wait<0>();  // no copy outlives the block (the last slots are empty groups)
+  if constexpr (kMode == Rows16Mode::kStats) stats.write(partials, warp, g, t);
+  if constexpr (kMode == Rows16Mode::kGradStats) {
+    // Sums over the quad's lanes (they share the channels), in a fixed order;
+    // partials[blockIdx.y][gridDim.x][64][3] as finalize_grad_kernel reads them.
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      float sums[3] = {static_cast<float>(gs_g[p]), static_cast<float>(gs_gy[p]),
+                       static_cast<float>(gs_y[p])};
+#pragma unroll
+      for (int e = 0; e < 3; ++e) {
+        sums[e] += __shfl_xor_sync(0xffffffffu, sums[e], 1);
+        sums[e] += __shfl_xor_sync(0xffffffffu, sums[e], 2);
+      }
+      if (t == 0) {
+        float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kCo +
+                                 16 * warp + g + 8 * p) *
+                                    3;
+        dst[0] = sums[0];
+        dst[1] = sums[1];
+        dst[2] = sums[2];
+      }
+    }
+  }
+#else
+  // Not compiled for sm_90a: conv_rows16_supports() never selects this kernel.
+  __trap();
+#endif
+}
+
+template <typename T, Rows16Mode kMode>
+int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f,
+                  const GradTerms& gt, float* partials, T* out, bool dry_run) {
+  auto kernel = conv_rows16_kernel<T, kMode>;
+  const size_t smem = smem_bytes(r, kMode != Rows16Mode::kStats);
+  const int grid_x =
+      row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads, smem, r.c_out, r.strips);
+  if (!dry_run) {
+    const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
+    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, gt, partials,
+                                                                         out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return grid_x;
+}
+
+template <Rows16Mode kMode>
+int run_rows16(const Rows16Shape& r, const at::Tensor& x, const at::Tensor& w, const BnFold& f,
+               const GradTerms& gt, float* partials, at::Tensor* out, bool dry_run) {
+  const auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    return launch_rows16<T, kMode>(
+        r, reinterpret_cast<const T*>(x.const_data_ptr()),
+        reinterpret_cast<const T*>(w.const_data_ptr()), f, gt, partials,
+        out != nullptr ? reinterpret_cast<T*>(out->mutable_data_ptr()) : nullptr, dry_run);
+  };
+  return x.scalar_type() == at::kBFloat16 ? launch(__nv_bfloat16{}) : launch(__half{});
+}
+
+// Per-block partials [ceil(C_out / 64)][grid][64][3] of the statistics modes.
+template <Rows16Mode kMode>
+std::pair<at::Tensor, int> rows16_partials(const ConvShape& s, const at::Tensor& x,
+                                           const at::Tensor& w, const GradTerms& gt) {
+  const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
+  const int grid_x = run_rows16<kMode>(r, x, w, BnFold{}, gt, nullptr, nullptr, true);
+  const int64_t c_blocks = (s.c_out + kCo - 1) / kCo;
+  at::Tensor partials = at::empty({c_blocks, grid_x, kCo, 3}, x.options().dtype(at::kFloat));
+  run_rows16<kMode>(r, x, w, BnFold{}, gt, partials.mutable_data_ptr<float>(), nullptr, false);
+  return {partials, grid_x};
+}
+
+void check_rows16_output(const ConvShape& s, const at::Tensor& x, const at::Tensor& out) {
+  TORCH_CHECK(s.channels_last && out.scalar_type() == x.scalar_type() &&
+                  out.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0,
+              "fused_conv: the 16-bit row kernel writes 16-byte aligned channels_last outputs "
+              "of the input's dtype");
+}
+
+}  // namespace
+
+bool conv_rows16_supports(const ConvShape& s, const at::Tensor& x, int device) {
+#ifndef FUSED_CONV_BUILT_SM90A
+  (void)s, (void)x, (void)device;
+  return false;  // no sm_90a code in this build (setup.py defines the macro)
+#else
+  if (std::strcmp(forward_kernel_choice(), "tile") == 0) return false;
+  const at::ScalarType dtype = x.scalar_type();
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || !s.channels_last || s.stride_h != 1 ||
+      s.stride_w != 1 || s.c_in % 8 != 0 || s.c_out % 8 != 0 || s.w_out < kMinWidth ||
+      reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 != 0) {
+    return false;
+  }
+  if (compute_capability_major(device) != 9) return false;
+  const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
+  const size_t bytes = smem_bytes(r, true);
+  return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
+         bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
+#endif
+}
+
+bool conv_rows16_apply_supports(const ConvShape& s, const at::Tensor& x, int device) {
+  return std::strcmp(forward_kernel_choice(), "rows-stats") != 0 &&
+         conv_rows16_supports(s, x, device);
+}
+
+std::pair<at::Tensor, int> conv_rows16_stats(const ConvShape& s, const at::Tensor& x,
+                                             const at::Tensor& w) {
+  return rows16_partials<Rows16Mode::kStats>(s, x, w, GradTerms{});
+}
+
+void conv_rows16_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                       const BnFold& f, at::Tensor& out) {
+  check_rows16_output(s, x, out);
+  const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
+  run_rows16<Rows16Mode::kApply>(r, x, w, f, GradTerms{}, nullptr, &out, false);
+}
+
+bool conv_rows16_grad_supports(const ConvShape& s, const at::Tensor& x, const at::Tensor& grad,
+                               int device) {
+  return conv_rows16_apply_supports(s, x, device) && grad.scalar_type() == x.scalar_type() &&
+         grad.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 == 0;
+}
+
+std::pair<at::Tensor, int> conv_rows16_grad_stats(const ConvShape& s, const at::Tensor& x,
+                                                  const at::Tensor& w, const GradTerms& gt) {
+  return rows16_partials<Rows16Mode::kGradStats>(s, x, w, gt);
+}
+
+void conv_rows16_grad_out(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                          const GradTerms& gt, at::Tensor& g_hat) {
+  check_rows16_output(s, x, g_hat);
+  const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
+  run_rows16<Rows16Mode::kGradOut>(r, x, w, BnFold{}, gt, nullptr, &g_hat, false);
+}
+
+}  // namespace fused_conv::cuda

@@ -1,0 +1,91 @@
+// Hopper warpgroup MMA on float16 / bfloat16 operands with float32
+// accumulation, both operands from shared memory (K-major core matrices of
+// 8 rows x 16 bytes = 8 values of K), for the 16-bit row kernel
+// (conv_rows16.cu); and stmatrix / ldmatrix, which store / load 8x8 16-bit
+// tiles of an MMA fragment to / from shared memory (transposed on request) for
+// its epilogues.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels/cuda/wgmma_tf32.cuh"
+
+namespace fused_conv::cuda {
+
+#if FUSED_CONV_WGMMA
+// The 64 accumulator operands %0..%63 of an m64n128 f32 fragment, d[j][e] =
+// {D[g][8j+2t], D[g][8j+2t+1], D[g+8][8j+2t], D[g+8][8j+2t+1]} per warp.
+#define FUSED_CONV_D128_OPERANDS(d)                                                     \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),            \
+      "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),        \
+      "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),        \
+      "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),        \
+      "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),        \
+      "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),        \
+      "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),        \
+      "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),        \
+      "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),   \
+      "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),   \
+      "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),   \
+      "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),   \
+      "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define FUSED_CONV_D128_LIST                                                             \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "              \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "     \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "     \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+// D(64 x 128) = A(64 x 16) * B(16 x 128) + (accumulate ? D : 0), A and B
+// K-major in shared memory (no transpose), T = __half or __nv_bfloat16.
+template <typename T>
+__device__ __forceinline__ void wgmma_16bit_ss_n128(float (&d)[16][4], uint64_t a_desc,
+                                                    uint64_t b_desc, int accumulate) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " FUSED_CONV_D128_LIST
+        ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : FUSED_CONV_D128_OPERANDS(d)
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "float16 or bfloat16 operands");
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " FUSED_CONV_D128_LIST
+        ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : FUSED_CONV_D128_OPERANDS(d)
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+  }
+}
+#undef FUSED_CONV_D128_OPERANDS
+#undef FUSED_CONV_D128_LIST
+
+// Stores four 8x8 16-bit matrices, transposed: register r[m] of lane l holds
+// M_m[l / 4][2 (l % 4)], M_m[l / 4][2 (l % 4) + 1] (an MMA fragment), and row
+// i of M_m^T (= column i of M_m, 16 bytes) goes to the address that lane
+// 8m + i supplies.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t smem_addr, uint32_t r0, uint32_t r1,
+                                                  uint32_t r2, uint32_t r3) {
+  asm volatile(
+      "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_addr),
+      "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+      : "memory");
+}
+// The inverse: loads four 8x8 16-bit matrices whose rows (16 bytes each) lie at
+// the addresses lanes 8m + i supply, transposed into fragments: register r[m]
+// of lane l gets M_m^T[l / 4][2 (l % 4)], M_m^T[l / 4][2 (l % 4) + 1], where
+// row i of M_m is the 16 bytes at lane 8m + i's address.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t smem_addr, uint32_t& r0, uint32_t& r1,
+                                                  uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr)
+               : "memory");
+}
+#endif  // FUSED_CONV_WGMMA
+
+}  // namespace fused_conv::cuda
