@@ -128,13 +128,13 @@ def hopper_with_sm90a() -> bool:
 
 
 ROWS_SHAPES = [
-    # n, c_in, h, w, c_out, k, stride, padding, dilation (stride 1, W_out >= 64)
+    # n, c_in, h, w, c_out, k, stride, padding, dilation (stride 1, W_out >= 64, C_out > 32)
     (2, 8, 20, 130, 64, 3, 1, 0, 1),  # one exact 128-pixel column tile
     (2, 8, 9, 300, 64, 3, 1, 1, 1),  # three column tiles (the last 44), odd H_out
-    (3, 3, 11, 67, 16, 3, 1, 1, 1),  # C_in padded to 8, C_out < 64, odd W_out
+    (3, 3, 11, 67, 40, 3, 1, 1, 1),  # C_in padded to 8, C_out < 64, odd W_out
     (2, 6, 7, 90, 100, 2, 1, 1, 2),  # two channel blocks, dilation, an even kernel
     (1, 16, 6, 129, 70, 1, 1, 0, 1),  # 1x1, a 1-pixel second column tile
-    (2, 16, 5, 100, 24, 1, 1, 1, 1),  # two k-steps per tap, padding all around a 1x1
+    (2, 16, 5, 100, 48, 1, 1, 1, 1),  # two k-steps per tap, padding all around a 1x1
     (1, 8, 3, 64, 64, 3, 1, 1, 1),  # the narrowest row it takes
 ]
 
@@ -205,10 +205,12 @@ def test_rows16_kernel_is_not_taken_outside_its_reach():
 
 
 def test_rows_kernel_is_not_taken_outside_its_reach():
-    x, weight, _ = make(1, 8, 40, 70, 16, 3)
+    x, weight, _ = make(1, 8, 40, 70, 64, 3)
     assert not rows_kernel_covers(x, weight, 2, 1, 1)  # stride 2
     assert not rows_kernel_covers(x[..., :60], weight, 1, 0, 1)  # W_out = 58 < 64
     assert not rows_kernel_covers(x.half(), weight.half(), 1, 1, 1)  # float16
+    assert not rows_kernel_covers(x, weight[:32].contiguous(), 1, 1, 1)  # C_out = 32
+    assert rows_kernel_covers(x, weight, 1, 1, 1) == hopper_with_sm90a()
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

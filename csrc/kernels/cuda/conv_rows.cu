@@ -66,6 +66,10 @@ constexpr int kStageWords = 4 * 8 * kStageRow;  // 4 warps
 // strip, and a taller strip costs shared memory, so fewer blocks per SM.
 constexpr int kDefaultRows = 2;
 [[maybe_unused]] constexpr int kMinWidth = 64;  // narrower rows waste most of the 128-pixel MMA
+// A block computes 64 channels whatever C_out is: at C_out = 16 and 32 the tile
+// kernel was faster (H200, bench group `rows`: eval 0.183 / 0.251 ms against
+// 0.258 / 0.260), so those stay there.
+[[maybe_unused]] constexpr int kMinChannels = 32;
 
 struct RowsShape : RowStrips {
   int pairs;        // ceil(C_in / 8): k-steps per tap
@@ -441,7 +445,8 @@ bool conv_rows_stats_supports(const ConvShape& s, at::ScalarType dtype, int devi
   return false;  // no sm_90a code in this build (setup.py defines the macro)
 #else
   if (std::strcmp(forward_kernel_choice(), "tile") == 0) return false;
-  if (dtype != at::kFloat || s.stride_h != 1 || s.stride_w != 1 || s.w_out < kMinWidth) {
+  if (dtype != at::kFloat || s.stride_h != 1 || s.stride_w != 1 || s.w_out < kMinWidth ||
+      s.c_out <= kMinChannels) {
     return false;
   }
   if (compute_capability_major(device) != 9) return false;

@@ -46,7 +46,7 @@ RowStrips make_row_strips(const ConvShape& s, int rows);
 int row_kernel_grid(const void* entry, int threads, size_t smem, int64_t c_out, int64_t strips);
 
 // Whether the row kernel covers the shape on `device`: compiled for sm_90a and
-// running on compute capability 9, float32, stride 1, W_out >= 64, K small
+// running on compute capability 9, float32, stride 1, W_out >= 64, C_out > 32, K small
 // enough for the weights and the staged rows to fit two blocks per SM.
 // FUSED_CONV_FORWARD_KERNEL=tile turns it off (the tile kernel then runs).
 // (Shared by both passes; conv_rows_apply_supports() adds its own conditions.)

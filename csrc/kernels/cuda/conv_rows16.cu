@@ -137,11 +137,14 @@ __device__ __forceinline__ float2 unpack_pair(uint32_t v) {
   }
 }
 
-// Two values of a pixel pair (NHWC offsets off and off + c_out), each rounded
-// to T without bias (round_unbiased: conv_tile_kernel.cuh), packed low = first.
+// Two values of a pixel pair, each rounded to T without bias (round_with_bits:
+// conv_tile_kernel.cuh), packed low = first. One hash per pair: its low half
+// rounds the first value, its high half the second. `key` names the pair (the
+// first value's NHWC offset, low 32 bits, see the kGradOut epilogue).
 template <typename T>
-__device__ __forceinline__ uint32_t pack_rounded(float lo, float hi, int64_t off, int c_out) {
-  const T a = round_unbiased<T>(lo, off), b = round_unbiased<T>(hi, off + c_out);
+__device__ __forceinline__ uint32_t pack_rounded(float lo, float hi, uint32_t key) {
+  const uint32_t r = mix32(key);
+  const T a = round_with_bits<T>(lo, r), b = round_with_bits<T>(hi, r >> 16);
   return static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&a)) |
          static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&b)) << 16;
 }
@@ -367,6 +370,12 @@ __global__ void __launch_bounds__(kThreads)
         __syncthreads();
         const int m = lane >> 3, i = lane & 7;
         float row_g[2] = {0.f, 0.f}, row_gy[2] = {0.f, 0.f}, row_y[2] = {0.f, 0.f};
+        // kGradOut: this lane's first pair key of the row, and the offset's
+        // bits above 32 (hashed, as mix_bits does).
+        const int64_t row_off = row_pix * s.c_out;
+        const uint32_t row_key = static_cast<uint32_t>(row_off) +
+                                 static_cast<uint32_t>(2 * t * s.c_out + c_mine);
+        const uint32_t row_high = static_cast<uint32_t>(row_off >> 32) * 0x27D4EB2Du;
 #pragma unroll
         for (int j = 0; j < 16; j += 2) {
           const uint32_t addr =
@@ -384,11 +393,12 @@ __global__ void __launch_bounds__(kThreads)
               row_gy[p] = fmaf(gv.x, y0, fmaf(gv.y, y1, row_gy[p]));
               row_y[p] = fmaf(valid[jm][0], y0, fmaf(valid[jm][1], y1, row_y[p]));
             } else {
-              // NHWC element offsets seed the unbiased rounding, as in the tile kernel.
-              const int64_t off =
-                  (row_pix + 8 * jm + 2 * t) * s.c_out + c_mine + 8 * p;
+              // The pair's key: its first NHWC offset in 32-bit arithmetic
+              // (per element, a 64-bit offset and hash cost as much as the
+              // rest of the epilogue), the high bits folded in once per row.
+              const uint32_t key = row_key + static_cast<uint32_t>(8 * jm * s.c_out + 8 * p);
               v[mm] = pack_rounded<T>(fmaf(fa[p], gv.x, fmaf(fc[p], y0, fd[p])),
-                                      fmaf(fa[p], gv.y, fmaf(fc[p], y1, fd[p])), off, s.c_out);
+                                      fmaf(fa[p], gv.y, fmaf(fc[p], y1, fd[p])), key ^ row_high);
             }
           }
           if constexpr (kMode == Rows16Mode::kGradOut) {

@@ -157,29 +157,39 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float v0, float v
 // errors add up instead of cancelling (a bias that grows with the batch).
 // Stochastic rounding with a fixed hash of the element offset as the random
 // source makes the errors zero-mean and independent, and stays deterministic.
-__device__ __forceinline__ uint32_t mix_bits(int64_t i) {  // an integer hash (murmur3-style)
-  uint32_t h = static_cast<uint32_t>(i) ^ (static_cast<uint32_t>(i >> 32) * 0x27D4EB2Du);
+__device__ __forceinline__ uint32_t mix32(uint32_t h) {  // an integer hash (murmur3-style)
   h *= 0x9E3779B1u;
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;
   h ^= h >> 13;
   return h;
 }
-// Adding uniform random bits below the kept mantissa and truncating rounds the
-// magnitude up with probability equal to the dropped fraction: E[result] = v.
-// bfloat16 keeps the top 16 bits of a float; float16 (normal range) keeps 10 of
-// the 23 mantissa bits. Outside float16's normal range: round to nearest.
+__device__ __forceinline__ uint32_t mix_bits(int64_t i) {
+  return mix32(static_cast<uint32_t>(i) ^ (static_cast<uint32_t>(i >> 32) * 0x27D4EB2Du));
+}
+// Adding uniform random bits r below the kept mantissa and truncating rounds
+// the magnitude up with probability equal to the dropped fraction: E[result] =
+// v. bfloat16 keeps the top 16 bits of a float (r's low 16 bits are used);
+// float16 (normal range) keeps 10 of the 23 mantissa bits (r's low 13).
+// Outside float16's normal range: round to nearest.
 template <typename T>
-__device__ __forceinline__ T round_unbiased(float v, int64_t i) {
+__device__ __forceinline__ T round_with_bits(float v, uint32_t r) {
   const uint32_t bits = __float_as_uint(v);
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    if (!isfinite(v)) return from_float<T>(v);
-    return __ushort_as_bfloat16(static_cast<unsigned short>((bits + (mix_bits(i) & 0xFFFFu)) >> 16));
+    // An infinity's low 16 bits are zero, so the add cannot carry out of them;
+    // a NaN could carry into the sign bit, so it becomes the canonical NaN.
+    const uint32_t rounded = (bits + (r & 0xFFFFu)) >> 16;
+    return __ushort_as_bfloat16(static_cast<unsigned short>(v != v ? 0x7FC0u : rounded));
   } else {
     const float a = fabsf(v);
     if (!(a >= 6.103515625e-05f && a < 65504.f)) return from_float<T>(v);
-    return __float2half_rz(__uint_as_float(bits + (mix_bits(i) & 0x1FFFu)));
+    return __float2half_rz(__uint_as_float(bits + (r & 0x1FFFu)));
   }
+}
+// The element at offset i, its random bits hashed from i.
+template <typename T>
+__device__ __forceinline__ T round_unbiased(float v, int64_t i) {
+  return round_with_bits<T>(v, mix_bits(i));
 }
 
 // Shared-memory layout, in floats; identical on host (size) and device (carving).
