@@ -92,8 +92,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dilation, groups.");
   m.def("cuda_rows_stats_supports", &fused_conv::cuda::rows_stats_supports,
         "Whether the training forward's statistics pass takes the Hopper row kernel (float32, "
-        "stride 1, W_out >= 64, an sm_90a build on a compute capability 9 GPU) rather than the "
-        "tile kernel; arguments as cuda_tile_kernel_supports.");
+        "stride 1, W_out >= 64, C_out > 32, an sm_90a build on a compute capability 9 GPU) "
+        "rather than the tile kernel; arguments as cuda_tile_kernel_supports.");
   m.def("cuda_rows16_supports", &fused_conv::cuda::rows16_supports,
         "Whether the forward's passes take the 16-bit Hopper row kernel (float16 / bfloat16 "
         "channels_last, stride 1, C_in and C_out multiples of 8, W_out >= 64, an sm_90a build "

@@ -20,7 +20,7 @@ bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight,
 
 // True when, within the tile kernel's reach, the training forward's statistics
 // pass takes the Hopper row kernel instead (conv_rows.h): float32, stride
-// 1, W_out >= 64, sm_90a.
+// 1, W_out >= 64, C_out > 32, sm_90a.
 bool rows_stats_supports(const at::Tensor& input, const at::Tensor& weight,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                          int64_t groups);
