@@ -26,7 +26,9 @@
 //           and grad_weight = k * (the weight gradient of g, cuDNN's).
 //   grad_input = conv_transpose(g_hat; W): the tile kernel as a plain
 //           convolution of g_hat (grad_input_tile.cu) where it covers the shape
-//           (float32, stride 1), else cuDNN's convolution backward (data).
+//           (float32, stride 1), for float16 / bfloat16 channels_last on Hopper
+//           the 16-bit row kernel (grad_input_rows16.cu), else cuDNN's
+//           convolution backward (data).
 //
 // The per-channel gradients (bias, gamma, beta, scale) come from the sums.
 #include "kernels/cuda/conv_bn_backward.h"
@@ -42,6 +44,7 @@
 #include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/conv_rows16.h"
 #include "kernels/cuda/grad_coefficients.cuh"
+#include "kernels/cuda/grad_input_rows16.h"
 #include "kernels/cuda/grad_input_correction.h"
 #include "kernels/cuda/grad_input_taps.h"
 #include "kernels/cuda/grad_input_tile.h"
@@ -174,11 +177,17 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
                         std::array<bool, 2> mask) -> std::pair<at::Tensor, at::Tensor> {
     std::pair<at::Tensor, at::Tensor> grads{at::empty({0}, input.options()),
                                             at::empty({0}, weight.options())};
-    const std::array<bool, 2> cudnn_mask{mask[0] && !tile_dgrad, mask[1]};
+    // float16 / bfloat16 channels_last on Hopper: grad_input on the 16-bit
+    // row kernel (grad_input_rows16.h), where cuDNN's took 4-5x its memory time.
+    const bool rows16_dgrad =
+        mask[0] && !tile_dgrad &&
+        grad_input_rows16_supports(g, input, w_eff, stride, padding, dilation, 1);
+    const std::array<bool, 2> cudnn_mask{mask[0] && !tile_dgrad && !rows16_dgrad, mask[1]};
     if (cudnn_mask[0] || cudnn_mask[1]) {
       grads = conv_backward(g, input, w_eff, conv, format, cudnn_mask);
     }
     if (mask[0] && tile_dgrad) grads.first = tile_grad_input(g, input, w_eff, padding, dilation);
+    if (rows16_dgrad) grads.first = grad_input_rows16(g, input, w_eff, padding);
     return grads;
   };
   at::Tensor grad_input = at::empty({0}, input.options());

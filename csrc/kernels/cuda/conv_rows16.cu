@@ -104,39 +104,6 @@ Rows16Shape make_rows16_shape(const ConvShape& s, int rows) {
 }
 
 #if FUSED_CONV_WGMMA
-// A K-major descriptor from a shared-memory address (see wgmma_desc_k_major).
-__device__ __forceinline__ uint64_t desc_at(uint32_t addr, uint32_t lead_bytes,
-                                            uint32_t stride_bytes) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         static_cast<uint64_t>((lead_bytes & 0x3FFFF) >> 4) << 16 |
-         static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32;
-}
-
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ float2 unpack_pair(uint32_t v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-  } else {
-    return __half22float2(*reinterpret_cast<const __half2*>(&v));
-  }
-}
-
 // Two values of a pixel pair, each rounded to T without bias (round_with_bits:
 // conv_tile_kernel.cuh), packed low = first. One hash per pair: its low half
 // rounds the first value, its high half the second. `key` names the pair (the
