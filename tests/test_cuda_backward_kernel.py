@@ -172,6 +172,7 @@ ROWS16_SHAPES = [
     (2, 16, 7, 90, 96, 2, 1, 1, 2),  # two channel chunks, two channel blocks, dilation
     (1, 24, 6, 67, 24, 1, 1, 1, 1),  # a zero-paired k-step, C_out < 64, odd W_out
     (1, 8, 6, 129, 72, 1, 1, 0, 1),  # a 1-pixel second column tile, an 8-channel block
+    (1, 16, 6, 70, 32, 3, 1, 1, 1),  # 18 chunks: g_hat's pass without the weight gradient
 ]
 
 
@@ -187,6 +188,9 @@ def test_sanitize_rows16_backward_matches_reference(shape, training, dtype):
     assert covered == hopper_with_sm90a()
     check_backward(shape, dtype=dtype, channels_last=True, training=training,
                    seed=sum(shape) * 5 + training)  # fmt: skip
+    # The weight gradient alone: in training, g_hat's pass also reduces it (K <= 9 chunks).
+    check_backward(shape, dtype=dtype, channels_last=True, training=training,
+                   seed=sum(shape) * 5 + 2, wanted=("weight",))  # fmt: skip
 
 
 DGRAD16_SHAPES = [

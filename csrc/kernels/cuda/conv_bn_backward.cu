@@ -18,10 +18,13 @@
 //           in registers and reduce the weight gradient sum g_hat * x from it
 //           on tensor cores into per-block partials (summed by
 //           reduce_weight_grad_kernel in a fixed order); g_hat is written (in
-//           the input's dtype and layout) only when grad_input is wanted. Shapes
-//           whose K is too wide for the fused weight gradient, and 16-bit
-//           inputs, use kGradOut (write g_hat; the 16-bit row kernel where pass
-//           1 ran on it) and cuDNN's weight gradient.
+//           the input's dtype and layout) only when grad_input is wanted.
+//           float16 / bfloat16 where pass 1 ran on the 16-bit row kernel: its
+//           kGradOutW writes g_hat and reduces the weight gradient from it in
+//           registers (K <= 9 chunks of 8 channels; else its kGradOut and
+//           cuDNN's weight gradient). Other 16-bit inputs, and float32 shapes
+//           whose K is too wide for the fused weight gradient, use kGradOut
+//           (write g_hat) and cuDNN's weight gradient.
 //   eval:   g_hat = k*g needs no pass 2: grad_input = conv_transpose(g; k*W)
 //           and grad_weight = k * (the weight gradient of g, cuDNN's).
 //   grad_input = conv_transpose(g_hat; W): the tile kernel as a plain
@@ -99,6 +102,21 @@ __global__ void reduce_weight_grad_kernel(const float* __restrict__ partials, in
 }
 
 at::Tensor per_out_channel_view(const at::Tensor& t) { return t.view({-1, 1, 1, 1}); }
+
+// grad_weight in the weight's dtype from weight-gradient partials
+// [c_blocks][grid_x][bn][k8] (reduce_weight_grad_kernel's layout).
+at::Tensor reduce_weight_grad(const at::Tensor& partials, int grid_x, int bn, int k8,
+                              const ConvShape& s, const at::Tensor& weight) {
+  at::Tensor grad_weight_f = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
+  const int64_t elements = grad_weight_f.numel();
+  constexpr int kBlock = 256;
+  reduce_weight_grad_kernel<<<static_cast<unsigned>((elements + kBlock - 1) / kBlock), kBlock, 0,
+                              c10::cuda::getCurrentCUDAStream()>>>(
+      partials.const_data_ptr<float>(), grid_x, bn, k8, s.c_out, s.c_in, s.kh * s.kw,
+      grad_weight_f.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_weight_f.to(weight.scalar_type());
+}
 
 }  // namespace
 
@@ -226,15 +244,14 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
         const Launch run = run_tile_kernel<TileMode::kGradOutW>(
             s, x, w, BnFold{}, terms, g_hat, w_partials.mutable_data_ptr<float>());
         TORCH_INTERNAL_ASSERT(run.grid.x == plan.grid.x && run.grid.y == plan.grid.y);
-        at::Tensor grad_weight_f = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
-        const int64_t elements = grad_weight_f.numel();
-        constexpr int kBlock = 256;
-        reduce_weight_grad_kernel<<<static_cast<unsigned>((elements + kBlock - 1) / kBlock), kBlock,
-                                    0, c10::cuda::getCurrentCUDAStream()>>>(
-            w_partials.const_data_ptr<float>(), static_cast<int>(run.grid.x), bn, k8, s.c_out,
-            s.c_in, s.kh * s.kw, grad_weight_f.mutable_data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        grad_weight = grad_weight_f.to(weight.scalar_type());
+        grad_weight =
+            reduce_weight_grad(w_partials, static_cast<int>(run.grid.x), bn, k8, s, weight);
+        if (input_weight_mask[0]) grad_input = conv_grads(g_hat, weight, {true, false}).first;
+      } else if (rows16 && input_weight_mask[1] && conv_rows16_weight_grad_fusable(s)) {
+        // g_hat and, from it in registers, the weight gradient's partials.
+        const auto [w_partials, grid_x] = conv_rows16_grad_out_w(s, x, w, terms, g_hat);
+        grad_weight = reduce_weight_grad(w_partials, grid_x, kRowsChannels,
+                                         s.kh * s.kw * s.c_in, s, weight);
         if (input_weight_mask[0]) grad_input = conv_grads(g_hat, weight, {true, false}).first;
       } else {
         if (rows16) {

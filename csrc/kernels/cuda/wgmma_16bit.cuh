@@ -125,6 +125,29 @@ __device__ __forceinline__ void wgmma_16bit_ss_n8(float (&d)[4], uint64_t a_desc
   }
 }
 
+// D(16 x 8) += A(16 x 16) * B(16 x 8) on one warp (mma.sync, float32
+// accumulation): a = {A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]},
+// b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g] (pairs packed low = first),
+// d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]} for lane (g, t).
+template <typename T>
+__device__ __forceinline__ void mma_16bit_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
+                                                   uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "float16 or bfloat16 operands");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
 // Stores four 8x8 16-bit matrices, transposed: register r[m] of lane l holds
 // M_m[l / 4][2 (l % 4)], M_m[l / 4][2 (l % 4) + 1] (an MMA fragment), and row
 // i of M_m^T (= column i of M_m, 16 bytes) goes to the address that lane
