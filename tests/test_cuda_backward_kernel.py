@@ -160,6 +160,11 @@ def test_backward_matches_reference(shape, training, channels_last, dtype):
                    seed=sum(shape) * 7 + training)  # fmt: skip
 
 
+def hopper_with_sm90a() -> bool:
+    arch = fused_conv._C.build_info().get("arch_list") or ""
+    return torch.cuda.get_device_capability()[0] == 9 and "9.0a" in arch
+
+
 ROWS16_SHAPES = [
     # float16 / bfloat16 channels_last shapes the 16-bit Hopper row kernel takes (stride 1,
     # C_in and C_out multiples of 8, W_out >= 64): both backward passes over grad_out on it
@@ -167,6 +172,7 @@ ROWS16_SHAPES = [
     (2, 16, 7, 90, 96, 2, 1, 1, 2),  # two channel chunks, two channel blocks, dilation
     (1, 24, 6, 67, 24, 1, 1, 1, 1),  # a zero-paired k-step, C_out < 64, odd W_out
     (1, 8, 6, 129, 72, 1, 1, 0, 1),  # a 1-pixel second column tile, an 8-channel block
+    (1, 16, 6, 70, 32, 3, 1, 1, 1),  # 18 chunks: g_hat's pass without the weight gradient
 ]
 
 
@@ -176,15 +182,65 @@ ROWS16_SHAPES = [
 def test_sanitize_rows16_backward_matches_reference(shape, training, dtype):
     n, c_in, h, w, c_out, k, stride, padding, dilation = shape
     x, p, _ = make(n, c_in, h, w, c_out, k, dtype=dtype, channels_last=True, seed=5)
-    hopper = torch.cuda.get_device_capability()[0] == 9 and "9.0a" in (
-        fused_conv._C.build_info().get("arch_list") or ""
-    )
     covered = fused_conv._C.cuda_rows16_supports(
         x, p["weight"], [stride] * 2, [padding] * 2, [dilation] * 2, 1
     )
-    assert covered == hopper
+    assert covered == hopper_with_sm90a()
     check_backward(shape, dtype=dtype, channels_last=True, training=training,
                    seed=sum(shape) * 5 + training)  # fmt: skip
+    # The weight gradient alone: in training, g_hat's pass also reduces it (K <= 9 chunks).
+    check_backward(shape, dtype=dtype, channels_last=True, training=training,
+                   seed=sum(shape) * 5 + 2, wanted=("weight",))  # fmt: skip
+
+
+DGRAD16_SHAPES = [
+    # grad_input on the 16-bit Hopper row kernel (grad_input_rows16.cu): float16 / bfloat16
+    # channels_last, stride and dilation 1, padding <= k - 1, C_in % 8, C_out % 16, W >= 64
+    (2, 8, 9, 130, 64, 3, 1, 0, 1),  # the reference problem's rows; a 2-pixel second tile
+    (2, 16, 7, 90, 32, 3, 1, 1, 1),  # two 8-channel blocks, padding 1
+    (1, 8, 40, 70, 16, 4, 1, 2, 1),  # 4x4, two row segments (the second 8 rows), one pair
+    (1, 24, 6, 67, 48, 1, 1, 0, 1),  # 1x1, three channel blocks, three chunk pairs
+    (3, 8, 33, 64, 16, 2, 1, 1, 1),  # an even kernel (g padded by 0), a 1-row segment
+]
+
+
+def dgrad16_covers(shape, dtype) -> bool:
+    n, c_in, h, w, c_out, k, stride, padding, dilation = shape
+    x = torch.empty(n, c_in, h, w, device=CUDA, dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    weight = torch.empty(c_out, c_in, k, k, device=CUDA, dtype=dtype)
+    h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    w_out = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    grad = torch.empty(n, c_out, h_out, w_out, device=CUDA, dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    return fused_conv._C.cuda_grad_input_rows16_supports(
+        grad, x, weight, [stride] * 2, [padding] * 2, [dilation] * 2, 1
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("shape", DGRAD16_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sanitize_rows16_grad_input_matches_reference(shape, training, dtype):
+    assert dgrad16_covers(shape, dtype) == hopper_with_sm90a()
+    check_backward(shape, dtype=dtype, channels_last=True, training=training,
+                   seed=sum(shape) * 3 + training, wanted=("input",))  # fmt: skip
+    check_backward(shape, dtype=dtype, channels_last=True, training=training,
+                   seed=sum(shape) * 3 + 1 - training)  # fmt: skip
+
+
+def test_rows16_grad_input_is_not_taken_outside_its_reach(monkeypatch):
+    bf16 = torch.bfloat16
+    assert not dgrad16_covers((1, 8, 9, 70, 24, 3, 1, 1, 1), bf16)  # C_out % 16 != 0
+    assert not dgrad16_covers((1, 8, 9, 70, 16, 3, 1, 1, 2), bf16)  # dilation 2
+    assert not dgrad16_covers((1, 8, 9, 70, 16, 3, 2, 1, 1), bf16)  # stride 2
+    assert not dgrad16_covers((1, 8, 9, 70, 16, 3, 1, 3, 1), bf16)  # padding > k - 1
+    assert not dgrad16_covers((1, 8, 9, 60, 16, 3, 1, 1, 1), bf16)  # width < 64
+    assert not dgrad16_covers((1, 8, 9, 70, 16, 3, 1, 1, 1), torch.float32)
+    monkeypatch.setenv("FUSED_CONV_FORWARD_KERNEL", "tile")
+    assert not dgrad16_covers(DGRAD16_SHAPES[0], bf16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -14,6 +14,7 @@
 #include <torch/extension.h>
 
 #include "kernels/cuda/conv_bn_forward.h"
+#include "kernels/cuda/grad_input_rows16.h"
 #include "kernels/cuda/grad_input_taps.h"
 #include "kernels/cuda/grad_moments.h"
 #include "kernels/cuda/grad_input_tile.h"
@@ -101,6 +102,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_grad_input_tile_supports", &fused_conv::cuda::grad_input_tile_supports,
         "Whether the CUDA backward computes grad_input on the tile kernel for this "
         "configuration (else cuDNN); arguments as cuda_tile_kernel_supports.");
+  m.def("cuda_grad_input_rows16_supports", &fused_conv::cuda::grad_input_rows16_supports,
+        "Whether the CUDA backward computes grad_input on the 16-bit Hopper row kernel "
+        "(float16 / bfloat16 channels_last, stride and dilation 1, padding <= k - 1, C_in % 8 "
+        "== 0, C_out % 16 == 0, width >= 64, an sm_90a build on a compute capability 9 GPU) "
+        "rather than cuDNN; arguments: grad at the conv output, input, weight, stride, padding, "
+        "dilation, groups.");
   m.def("cuda_grad_input_taps_supports", &fused_conv::cuda::grad_input_taps_supports,
         "Whether that grad_input takes the tap-reusing kernel (float32 NCHW 3x3, stride and "
         "dilation 1, padding <= 2, C_in <= 8, C_out <= 64); arguments as "

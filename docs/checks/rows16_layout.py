@@ -10,7 +10,10 @@ operand through the descriptor addressing of the PTX ISA for 16-bit K-major oper
 swizzle (element (row, k) at start + (row / 8) * SBO + (k / 8) * LBO + (row % 8) * 16 +
 (k % 8) * 2 bytes), multiplies in float64, runs the epilogue's fragment -> stmatrix.trans ->
 16-byte piece mapping (and the backward's ldmatrix.trans read of the same stage back into
-fragments), and compares the output rows with a direct convolution. Shapes: the
+fragments), and compares the output rows with a direct convolution. Where K <= 9 chunks it
+also runs kGradOutW's weight gradient (accumulator pairs as m16n8k16 A fragments, masked to
+valid pixels; B by ldmatrix.trans from the staged input; the partials' layout and
+reduce_weight_grad_kernel's read) and compares it with conv2d_weight. Shapes: the
 reference problem's, C_in 16 and 24 (an odd chunk count), padding, dilation, 1x1 and 2x2
 kernels, C_out < 64 and a second channel block. Run: python docs/checks/rows16_layout.py.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 
 CO, PIX, CHUNK, SLOTS, STAGE_ROW, ZERO = 64, 128, 16, 3, 144, 16 * 128
+MAX_W_CHUNKS = 9  # kGradOutW's weight gradient: K <= 9 chunks of 8 channels
 
 
 def check(n, c_in, h, w, c_out, kh, kw, pad, dil, rows=4, seed=0):
@@ -51,7 +55,14 @@ def check(n, c_in, h, w, c_out, kh, kw, pad, dil, rows=4, seed=0):
     assert all(lead == -1 or lead > 0 for lead in step_lead), "second chunk below the first"
     out = torch.full((n, h_out, w_out, c_out), float("nan"), dtype=torch.float64)
     tiles_w, strips_h = -(-w_out // PIX), -(-h_out // rows)
-    for cb in range(-(-c_out // CO)):
+    c_blocks = -(-c_out // CO)
+    fused_dw = chunks <= MAX_W_CHUNKS
+    w_off = [chunk_off(min(u, chunks - 1)) for u in range(MAX_W_CHUNKS + 1)]
+    # kGradOutW's partials [c_blocks][1 block][64][taps * c_in], with the conv output y
+    # standing in for g_hat (the mapping is what is checked)
+    partials = torch.zeros(c_blocks, CO, taps * c_in, dtype=torch.float64)
+    for cb in range(c_blocks):
+        dw = {}  # (warp, u, lane) -> the lane's 4 accumulators
         mem = torch.zeros((zero0 + ZERO) // 2, dtype=torch.float64)  # 2-byte units
         for i in range(k_steps * 2 * CO * 8):  # the kernel's weight staging loop
             u, co, e = i // (CO * 8), (i >> 3) & (CO - 1), i & 7
@@ -81,6 +92,9 @@ def check(n, c_in, h, w, c_out, kh, kw, pad, dil, rows=4, seed=0):
                     bt = operand(mem, b0, lead_b, 128, PIX)
                     d += a @ bt.T
                 lim = min(w_out - ow0, PIX)
+                if fused_dw:
+                    row_base = base + r * staged_w * CHUNK
+                    weight_grad_row(mem, row_base, w_off, chunks, d, w_out - ow0, dw)
                 piece_out = epilogue(d)  # [pixel][64 channels] as the stage holds it
                 groups = min(8, (c_out - cb * CO) // 8)
                 for q in range(lim * 8):  # the block's 16-byte pieces
@@ -88,11 +102,80 @@ def check(n, c_in, h, w, c_out, kh, kw, pad, dil, rows=4, seed=0):
                     if cg < groups:
                         c0 = cb * CO + 8 * cg
                         out[ni, oh0 + r, ow0 + px, c0 : c0 + 8] = piece_out[px, 8 * cg : 8 * cg + 8]
+        for (warp, u, lane), acc in dw.items():  # the kernel's partial write
+            gq, t = divmod(lane, 4)
+            p, tap = divmod(u, taps)
+            col = tap * c_in + 8 * p + 2 * t
+            cl = 16 * warp + gq
+            partials[cb, cl, col], partials[cb, cl, col + 1] = acc[0], acc[1]
+            partials[cb, cl + 8, col], partials[cb, cl + 8, col + 1] = acc[2], acc[3]
     ref_nhwc = ref.permute(0, 2, 3, 1)
     assert not torch.isnan(out).any(), "an output element was never written"
     err = ((out - ref_nhwc).norm() / ref_nhwc.norm()).item()
     assert err < 1e-12, err
+    if fused_dw:
+        # reduce_weight_grad_kernel's read: grad_weight[co][ci][tap] = partials[..][tap*c_in+ci]
+        got = torch.empty(c_out, c_in, taps, dtype=torch.float64)
+        for co in range(c_out):
+            cb, cl = divmod(co, CO)
+            got[co] = partials[cb, cl].view(taps, c_in).T
+        want = torch.nn.grad.conv2d_weight(
+            x.permute(0, 3, 1, 2), wt.shape, ref, stride=1, padding=pad, dilation=dil
+        ).reshape(c_out, c_in, taps)
+        dw_err = ((got - want).norm() / want.norm()).item()
+        assert dw_err < 1e-12, dw_err
     return err
+
+
+def weight_grad_row(mem, row_base, w_off, chunks, d, lim, dw):
+    """kGradOutW's epilogue for one output row: per warp and 16-pixel step j, the A fragment
+    from the accumulators' (channel, pixel) pairs masked to pixels < lim, B fragments by
+    ldmatrix.x4.trans from the staged input (lane 8m + i: pixel 8(j + m % 2) + i of chunk
+    u + m // 2), mma.m16n8k16 per chunk, accumulated per lane."""
+    for warp in range(4):
+        for j in range(0, 16, 2):
+            a_mat = torch.empty(16, 16, dtype=torch.float64)  # the A the fragments describe
+            for lane in range(32):
+                gq, t = divmod(lane, 4)
+                for mm in range(4):
+                    jm, p = j + (mm >> 1), mm & 1
+                    c = 16 * warp + gq + 8 * p
+                    vals = []
+                    for e in range(2):
+                        px = 8 * jm + 2 * t + e
+                        vals.append(d[c, px].item() if px < lim else 0.0)
+                    # a0 = (row g, k 2t..), a1 = (g + 8, 2t..), a2 = (g, 2t + 8..), a3 = ...
+                    row, k0 = gq + 8 * (mm & 1), 2 * t + 8 * (mm >> 1)
+                    a_mat[row, k0], a_mat[row, k0 + 1] = vals
+            for u in range(0, MAX_W_CHUNKS, 2):
+                if u >= chunks:
+                    continue
+                rows16 = {}  # matrix m, row i -> 8 values at lane 8m + i's address
+                for lane in range(32):
+                    m, i = lane >> 3, lane & 7
+                    off = w_off[u + 1] if (m >> 1) else w_off[u]
+                    addr = row_base + off + (8 * (j + (m & 1)) + i) * CHUNK
+                    rows16[m, i] = mem[addr // 2 : addr // 2 + 8]
+                for uu in (u, u + 1):
+                    if uu >= chunks:
+                        continue
+                    mb = 2 * (uu - u)  # registers 0, 1 (chunk u) or 2, 3 (chunk u + 1)
+                    b_mat = torch.empty(16, 8, dtype=torch.float64)
+                    for lane in range(32):
+                        gq, t = divmod(lane, 4)
+                        for reg in range(2):  # ldmatrix.trans: rows 2t, 2t + 1 at column g
+                            m = mb + reg
+                            k0 = 2 * t + 8 * reg
+                            b_mat[k0, gq] = rows16[m, 2 * t][gq]
+                            b_mat[k0 + 1, gq] = rows16[m, 2 * t + 1][gq]
+                    prod = a_mat @ b_mat
+                    for lane in range(32):
+                        gq, t = divmod(lane, 4)
+                        acc = dw.setdefault((warp, uu, lane), [0.0] * 4)
+                        acc[0] += prod[gq, 2 * t].item()
+                        acc[1] += prod[gq, 2 * t + 1].item()
+                        acc[2] += prod[gq + 8, 2 * t].item()
+                        acc[3] += prod[gq + 8, 2 * t + 1].item()
 
 
 def operand(mem, start, lead, stride, rows):

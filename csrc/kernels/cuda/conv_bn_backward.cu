@@ -18,15 +18,20 @@
 //           in registers and reduce the weight gradient sum g_hat * x from it
 //           on tensor cores into per-block partials (summed by
 //           reduce_weight_grad_kernel in a fixed order); g_hat is written (in
-//           the input's dtype and layout) only when grad_input is wanted. Shapes
-//           whose K is too wide for the fused weight gradient, and 16-bit
-//           inputs, use kGradOut (write g_hat; the 16-bit row kernel where pass
-//           1 ran on it) and cuDNN's weight gradient.
+//           the input's dtype and layout) only when grad_input is wanted.
+//           float16 / bfloat16 where pass 1 ran on the 16-bit row kernel: its
+//           kGradOutW writes g_hat and reduces the weight gradient from it in
+//           registers (K <= 9 chunks of 8 channels; else its kGradOut and
+//           cuDNN's weight gradient). Other 16-bit inputs, and float32 shapes
+//           whose K is too wide for the fused weight gradient, use kGradOut
+//           (write g_hat) and cuDNN's weight gradient.
 //   eval:   g_hat = k*g needs no pass 2: grad_input = conv_transpose(g; k*W)
 //           and grad_weight = k * (the weight gradient of g, cuDNN's).
 //   grad_input = conv_transpose(g_hat; W): the tile kernel as a plain
 //           convolution of g_hat (grad_input_tile.cu) where it covers the shape
-//           (float32, stride 1), else cuDNN's convolution backward (data).
+//           (float32, stride 1), for float16 / bfloat16 channels_last on Hopper
+//           the 16-bit row kernel (grad_input_rows16.cu), else cuDNN's
+//           convolution backward (data).
 //
 // The per-channel gradients (bias, gamma, beta, scale) come from the sums.
 #include "kernels/cuda/conv_bn_backward.h"
@@ -42,6 +47,7 @@
 #include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/conv_rows16.h"
 #include "kernels/cuda/grad_coefficients.cuh"
+#include "kernels/cuda/grad_input_rows16.h"
 #include "kernels/cuda/grad_input_correction.h"
 #include "kernels/cuda/grad_input_taps.h"
 #include "kernels/cuda/grad_input_tile.h"
@@ -96,6 +102,21 @@ __global__ void reduce_weight_grad_kernel(const float* __restrict__ partials, in
 }
 
 at::Tensor per_out_channel_view(const at::Tensor& t) { return t.view({-1, 1, 1, 1}); }
+
+// grad_weight in the weight's dtype from weight-gradient partials
+// [c_blocks][grid_x][bn][k8] (reduce_weight_grad_kernel's layout).
+at::Tensor reduce_weight_grad(const at::Tensor& partials, int grid_x, int bn, int k8,
+                              const ConvShape& s, const at::Tensor& weight) {
+  at::Tensor grad_weight_f = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
+  const int64_t elements = grad_weight_f.numel();
+  constexpr int kBlock = 256;
+  reduce_weight_grad_kernel<<<static_cast<unsigned>((elements + kBlock - 1) / kBlock), kBlock, 0,
+                              c10::cuda::getCurrentCUDAStream()>>>(
+      partials.const_data_ptr<float>(), grid_x, bn, k8, s.c_out, s.c_in, s.kh * s.kw,
+      grad_weight_f.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_weight_f.to(weight.scalar_type());
+}
 
 }  // namespace
 
@@ -174,11 +195,17 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
                         std::array<bool, 2> mask) -> std::pair<at::Tensor, at::Tensor> {
     std::pair<at::Tensor, at::Tensor> grads{at::empty({0}, input.options()),
                                             at::empty({0}, weight.options())};
-    const std::array<bool, 2> cudnn_mask{mask[0] && !tile_dgrad, mask[1]};
+    // float16 / bfloat16 channels_last on Hopper: grad_input on the 16-bit
+    // row kernel (grad_input_rows16.h), where cuDNN's took 4-5x its memory time.
+    const bool rows16_dgrad =
+        mask[0] && !tile_dgrad &&
+        grad_input_rows16_supports(g, input, w_eff, stride, padding, dilation, 1);
+    const std::array<bool, 2> cudnn_mask{mask[0] && !tile_dgrad && !rows16_dgrad, mask[1]};
     if (cudnn_mask[0] || cudnn_mask[1]) {
       grads = conv_backward(g, input, w_eff, conv, format, cudnn_mask);
     }
     if (mask[0] && tile_dgrad) grads.first = tile_grad_input(g, input, w_eff, padding, dilation);
+    if (rows16_dgrad) grads.first = grad_input_rows16(g, input, w_eff, padding);
     return grads;
   };
   at::Tensor grad_input = at::empty({0}, input.options());
@@ -217,15 +244,14 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
         const Launch run = run_tile_kernel<TileMode::kGradOutW>(
             s, x, w, BnFold{}, terms, g_hat, w_partials.mutable_data_ptr<float>());
         TORCH_INTERNAL_ASSERT(run.grid.x == plan.grid.x && run.grid.y == plan.grid.y);
-        at::Tensor grad_weight_f = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
-        const int64_t elements = grad_weight_f.numel();
-        constexpr int kBlock = 256;
-        reduce_weight_grad_kernel<<<static_cast<unsigned>((elements + kBlock - 1) / kBlock), kBlock,
-                                    0, c10::cuda::getCurrentCUDAStream()>>>(
-            w_partials.const_data_ptr<float>(), static_cast<int>(run.grid.x), bn, k8, s.c_out,
-            s.c_in, s.kh * s.kw, grad_weight_f.mutable_data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        grad_weight = grad_weight_f.to(weight.scalar_type());
+        grad_weight =
+            reduce_weight_grad(w_partials, static_cast<int>(run.grid.x), bn, k8, s, weight);
+        if (input_weight_mask[0]) grad_input = conv_grads(g_hat, weight, {true, false}).first;
+      } else if (rows16 && input_weight_mask[1] && conv_rows16_weight_grad_fusable(s)) {
+        // g_hat and, from it in registers, the weight gradient's partials.
+        const auto [w_partials, grid_x] = conv_rows16_grad_out_w(s, x, w, terms, g_hat);
+        grad_weight = reduce_weight_grad(w_partials, grid_x, kRowsChannels,
+                                         s.kh * s.kw * s.c_in, s, weight);
         if (input_weight_mask[0]) grad_input = conv_grads(g_hat, weight, {true, false}).first;
       } else {
         if (rows16) {

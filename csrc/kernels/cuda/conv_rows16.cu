@@ -74,7 +74,11 @@ enum class Rows16Mode : int {
   kGradStats,  // per-block sums of g, g*(y - ctr), y - ctr (backward, pass 1)
   kGradOut,    // out = A[c]*g + C[c]*(y - ctr) + D[c], the gradient at the conv
                // output, unbiasedly rounded (backward, pass 2)
+  kGradOutW,   // kGradOut, and per-block partials of the weight gradient
+               // sum out * x (out as written), for K <= kMaxWChunks chunks
 };
+// The fused weight gradient keeps 4 accumulators per chunk and thread.
+constexpr int kMaxWChunks = 9;  // 3x3 x 8 input channels
 
 struct Rows16Shape : RowStrips {
   int planes;      // C_in / 8: 16-byte channel chunks per pixel
@@ -104,39 +108,6 @@ Rows16Shape make_rows16_shape(const ConvShape& s, int rows) {
 }
 
 #if FUSED_CONV_WGMMA
-// A K-major descriptor from a shared-memory address (see wgmma_desc_k_major).
-__device__ __forceinline__ uint64_t desc_at(uint32_t addr, uint32_t lead_bytes,
-                                            uint32_t stride_bytes) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         static_cast<uint64_t>((lead_bytes & 0x3FFFF) >> 4) << 16 |
-         static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32;
-}
-
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ float2 unpack_pair(uint32_t v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-  } else {
-    return __half22float2(*reinterpret_cast<const __half2*>(&v));
-  }
-}
-
 // Two values of a pixel pair, each rounded to T without bias (round_with_bits:
 // conv_tile_kernel.cuh), packed low = first. One hash per pair: its low half
 // rounds the first value, its high half the second. `key` names the pair (the
@@ -195,7 +166,9 @@ __global__ void __launch_bounds__(kThreads)
                        GradTerms gt, float* __restrict__ partials, T* __restrict__ out) {
 #if FUSED_CONV_WGMMA
   constexpr bool kApply = kMode == Rows16Mode::kApply;
-  constexpr bool kGrad = kMode == Rows16Mode::kGradStats || kMode == Rows16Mode::kGradOut;
+  constexpr bool kWeightGrad = kMode == Rows16Mode::kGradOutW;
+  constexpr bool kGradOut = kMode == Rows16Mode::kGradOut || kWeightGrad;
+  constexpr bool kGrad = kMode == Rows16Mode::kGradStats || kGradOut;
   constexpr bool kStaged = kMode != Rows16Mode::kStats;  // uses the [pixel][channel] stage
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* w_s = smem;
@@ -258,6 +231,23 @@ __global__ void __launch_bounds__(kThreads)
   }
   fence_proxy_async_shared();  // the weights and zeros, visible to wgmma
 
+  // kGradOutW: each chunk's staged offset (the same as the k-step tables'; the
+  // last repeated past the chunk count), and the weight-gradient accumulators:
+  // dw[u] = (channel 16w + g, input channels 8p + 2t, +1 of chunk u = (p, tap)),
+  // (channel + 8, ...): an m16n8 fragment per chunk.
+  int w_off[kWeightGrad ? kMaxWChunks + 1 : 1];
+  float dw[kWeightGrad ? kMaxWChunks : 1][4];
+  if constexpr (kWeightGrad) {
+#pragma unroll
+    for (int u = 0; u <= kMaxWChunks; ++u) {
+      const int uc = min(u, s.chunks - 1), p = uc / taps, tap = uc - p * taps;
+      const int rr = tap / s.kw, q = tap - rr * s.kw;
+      w_off[u] = ((p * s.staged_rows + rr * s.dil_h) * s.staged_w + q * s.dil_w) * kChunkBytes;
+    }
+#pragma unroll
+    for (int u = 0; u < kMaxWChunks; ++u) dw[u][0] = dw[u][1] = dw[u][2] = dw[u][3] = 0.f;
+  }
+
   const uint64_t a_desc = wgmma_desc_k_major(w_s, kCo * kChunkBytes, 128);
   constexpr uint32_t kAStep = 2 * kCo * kChunkBytes >> 4;  // one k-step of W, descriptor units
 
@@ -273,7 +263,7 @@ __global__ void __launch_bounds__(kThreads)
     if (c >= s.c_out) continue;
     if constexpr (kApply) bn_fold_coefficients(f, c, fa[p], fd[p]);
     if constexpr (kGrad) ctr[p] = gt.center[c];
-    if constexpr (kMode == Rows16Mode::kGradOut) {
+    if constexpr (kGradOut) {
       fa[p] = gt.coef_g[c];
       fc[p] = gt.coef_y[c];
       fd[p] = gt.coef_1[c];
@@ -401,8 +391,35 @@ __global__ void __launch_bounds__(kThreads)
                                       fmaf(fa[p], gv.y, fmaf(fc[p], y1, fd[p])), key ^ row_high);
             }
           }
-          if constexpr (kMode == Rows16Mode::kGradOut) {
+          if constexpr (kGradOut) {
             stmatrix_x4_trans(addr, v[0], v[1], v[2], v[3]);
+          }
+          if constexpr (kWeightGrad) {
+            // v is this warp's A fragment of the GEMM dW(16 channels x K) +=
+            // g_hat(16 x 16 pixels) * X(16 pixels x K) for pixels 8j..8j+15
+            // (m16n8k16: a0 = (channel g, pixels 2t, 2t+1), a1 = (g + 8, ...),
+            // a2, a3 the same 8 pixels on), with pixels past W_out masked out.
+            uint32_t a[4];
+#pragma unroll
+            for (int mm = 0; mm < 4; ++mm) {
+              const int px = 8 * (j + (mm >> 1)) + 2 * t;
+              a[mm] = v[mm] & (px + 1 < lim ? 0xFFFFFFFFu : px < lim ? 0x0000FFFFu : 0u);
+            }
+            // B fragments from the staged strip by ldmatrix.trans: lane 8m + i
+            // supplies pixel 8(j + m % 2) + i of chunk u + m / 2 (16 bytes =
+            // its 8 channels), so registers 0, 1 are chunk u's (b0, b1) and
+            // 2, 3 chunk u + 1's (a repeat of u past the last chunk).
+            const uint32_t lane_px = (8 * (j + (m & 1)) + i) * kChunkBytes + r * row_bytes;
+#pragma unroll
+            for (int u = 0; u < kMaxWChunks; u += 2) {
+              if (u < s.chunks) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(slot_addr + lane_px + ((m >> 1) ? w_off[u + 1] : w_off[u]),
+                                  b[0], b[1], b[2], b[3]);
+                mma_16bit_m16n8k16<T>(dw[u], a, b[0], b[1]);
+                if (u + 1 < s.chunks) mma_16bit_m16n8k16<T>(dw[u + 1], a, b[2], b[3]);
+              }
+            }
           }
         }
         if constexpr (kMode == Rows16Mode::kGradStats) {
@@ -425,6 +442,24 @@ __global__ void __launch_bounds__(kThreads)
   }
   cp_async_wait<0>();  // no copy outlives the block (the last slots are empty groups)
   if constexpr (kMode == Rows16Mode::kStats) stats.write(partials, warp, g, t);
+  if constexpr (kWeightGrad) {
+    // partials[blockIdx.y][gridDim.x][64][taps * C_in] at column tap * C_in +
+    // input channel, as reduce_weight_grad_kernel (conv_bn_backward.cu) reads them.
+    const int k8 = taps * s.c_in;
+    float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kCo +
+                             16 * warp + g) *
+                                k8;
+#pragma unroll
+    for (int u = 0; u < kMaxWChunks; ++u) {
+      if (u < s.chunks) {
+        const int p = u / taps, tap = u - p * taps, col = tap * s.c_in + 8 * p + 2 * t;
+        dst[col] = dw[u][0];
+        dst[col + 1] = dw[u][1];
+        dst[8 * k8 + col] = dw[u][2];
+        dst[8 * k8 + col + 1] = dw[u][3];
+      }
+    }
+  }
   if constexpr (kMode == Rows16Mode::kGradStats) {
     // Sums over the quad's lanes (they share the channels), in a fixed order;
     // partials[blockIdx.y][gridDim.x][64][3] as finalize_grad_kernel reads them.
@@ -558,6 +593,29 @@ void conv_rows16_grad_out(const ConvShape& s, const at::Tensor& x, const at::Ten
   check_rows16_output(s, x, g_hat);
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
   run_rows16<Rows16Mode::kGradOut>(r, x, w, BnFold{}, gt, nullptr, &g_hat, false);
+}
+
+bool conv_rows16_weight_grad_fusable(const ConvShape& s) {
+  return s.kh * s.kw * (s.c_in / 8) <= kMaxWChunks;
+}
+
+std::pair<at::Tensor, int> conv_rows16_grad_out_w(const ConvShape& s, const at::Tensor& x,
+                                                  const at::Tensor& w, const GradTerms& gt,
+                                                  at::Tensor& g_hat) {
+  check_rows16_output(s, x, g_hat);
+  TORCH_CHECK(conv_rows16_weight_grad_fusable(s),
+              "fused_conv: the 16-bit row kernel's weight gradient takes at most ", kMaxWChunks,
+              " chunks of 8 input channels per tap set, got ", s.kh * s.kw * (s.c_in / 8));
+  const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
+  const int grid_x = run_rows16<Rows16Mode::kGradOutW>(r, x, w, BnFold{}, gt, nullptr, nullptr,
+                                                       /*dry_run=*/true);
+  const int64_t c_blocks = (s.c_out + kCo - 1) / kCo;
+  const int64_t k_total = static_cast<int64_t>(s.kh) * s.kw * s.c_in;
+  at::Tensor partials =
+      at::empty({c_blocks, grid_x, kCo, k_total}, x.options().dtype(at::kFloat));
+  run_rows16<Rows16Mode::kGradOutW>(r, x, w, BnFold{}, gt, partials.mutable_data_ptr<float>(),
+                                    &g_hat, false);
+  return {partials, grid_x};
 }
 
 }  // namespace fused_conv::cuda

@@ -48,5 +48,14 @@ std::pair<at::Tensor, int> conv_rows16_grad_stats(const ConvShape& s, const at::
 // pass 2: g_hat = A*g + C*(y - ctr) + D, rounded to x's dtype without bias.
 void conv_rows16_grad_out(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
                           const GradTerms& gt, at::Tensor& g_hat);
+// Whether pass 2 can also reduce the weight gradient (K <= 9 channel chunks
+// of 8: 3x3 x 8 input channels), and that pass: g_hat as above plus per-block
+// partials of sum g_hat * x over the block's pixels, [ceil(C_out / 64)][grid]
+// [64][kh*kw*C_in] at column tap*C_in + input channel (with the grid width),
+// as reduce_weight_grad_kernel (conv_bn_backward.cu) reads them.
+bool conv_rows16_weight_grad_fusable(const ConvShape& s);
+std::pair<at::Tensor, int> conv_rows16_grad_out_w(const ConvShape& s, const at::Tensor& x,
+                                                  const at::Tensor& w, const GradTerms& gt,
+                                                  at::Tensor& g_hat);
 
 }  // namespace fused_conv::cuda

@@ -1,9 +1,9 @@
 // Hopper warpgroup MMA on float16 / bfloat16 operands with float32
 // accumulation, both operands from shared memory (K-major core matrices of
-// 8 rows x 16 bytes = 8 values of K), for the 16-bit row kernel
-// (conv_rows16.cu); and stmatrix / ldmatrix, which store / load 8x8 16-bit
+// 8 rows x 16 bytes = 8 values of K), for the 16-bit row kernels
+// (conv_rows16.cu, grad_input_rows16.cu); and stmatrix / ldmatrix, which store / load 8x8 16-bit
 // tiles of an MMA fragment to / from shared memory (transposed on request) for
-// its epilogues.
+// its epilogues; the descriptor, copy and packing helpers both kernels use.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,6 +17,43 @@
 namespace fused_conv::cuda {
 
 #if FUSED_CONV_WGMMA
+// A K-major descriptor from a shared-memory address (see wgmma_desc_k_major).
+__device__ __forceinline__ uint64_t desc_at(uint32_t addr, uint32_t lead_bytes,
+                                            uint32_t stride_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         static_cast<uint64_t>((lead_bytes & 0x3FFFF) >> 4) << 16 |
+         static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32;
+}
+
+// A 16-byte asynchronous copy global -> shared, zeros when !valid (src is
+// then not read).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+// Two floats rounded to T (nearest) and packed, lo in the low half (the
+// element order of an MMA fragment's register); unpack_pair undoes it.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float2 unpack_pair(uint32_t v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&v));
+  }
+}
+
 // The 64 accumulator operands %0..%63 of an m64n128 f32 fragment, d[j][e] =
 // {D[g][8j+2t], D[g][8j+2t+1], D[g+8][8j+2t], D[g+8][8j+2t+1]} per warp.
 #define FUSED_CONV_D128_OPERANDS(d)                                                     \
@@ -63,6 +100,53 @@ __device__ __forceinline__ void wgmma_16bit_ss_n128(float (&d)[16][4], uint64_t 
 }
 #undef FUSED_CONV_D128_OPERANDS
 #undef FUSED_CONV_D128_LIST
+
+// D(64 x 8) = A(64 x 16) * B(16 x 8) + (accumulate ? D : 0), both K-major in
+// shared memory; d = {D[16w+g][2t], D[16w+g][2t+1], D[16w+g+8][2t],
+// D[16w+g+8][2t+1]} for lane (g, t) of warp w.
+template <typename T>
+__device__ __forceinline__ void wgmma_16bit_ss_n8(float (&d)[4], uint64_t a_desc,
+                                                  uint64_t b_desc, int accumulate) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, "
+        "0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "float16 or bfloat16 operands");
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, "
+        "0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+  }
+}
+
+// D(16 x 8) += A(16 x 16) * B(16 x 8) on one warp (mma.sync, float32
+// accumulation): a = {A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]},
+// b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g] (pairs packed low = first),
+// d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]} for lane (g, t).
+template <typename T>
+__device__ __forceinline__ void mma_16bit_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
+                                                   uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "float16 or bfloat16 operands");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
 
 // Stores four 8x8 16-bit matrices, transposed: register r[m] of lane l holds
 // M_m[l / 4][2 (l % 4)], M_m[l / 4][2 (l % 4) + 1] (an MMA fragment), and row

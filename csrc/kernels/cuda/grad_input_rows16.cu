@@ -1,0 +1,320 @@
+// grad_input of a stride-1 convolution for float16 / bfloat16 channels_last
+// tensors on Hopper (sm_90a): a stride-1 convolution of the output gradient g,
+// padded by p = k - 1 - pad, with the flipped weights,
+//   dX[n][ih][iw][ci] = sum_{r, q, c} g[n][ih - p_h + r][iw - p_w + q][c]
+//                                     * W[c][ci][kh - 1 - r][kw - 1 - q],
+// g zero outside its rows and columns.
+//
+// GEMM per input row ih and 128-pixel column tile, with the pixels as the MMA's
+// M (the 8 input channels of a block are too few for M = 64):
+//   dX^T(128 pixels x 8 channels) = G(128 x K) * W'(K x 8),
+//   K = (tap (r, q), channel chunk p of 8 output channels), p fastest.
+// wgmma reads both operands K-major from shared memory in core matrices of 8
+// rows x 16 bytes, as in the forward's 16-bit row kernel (conv_rows16.cu): g's
+// rows are copied verbatim by 16-byte cp.async into a ring of rows laid out
+// [chunk p][column][8 channels], so the core matrix of (tap (r, q), chunk p)
+// for pixels j..j+7 is the 128 contiguous bytes at (the ring row holding g row
+// ih - p_h + r, chunk p, column j + q). A k16-step pairs chunks p and p + 1 of
+// one tap (C_out % 16 == 0): leading byte offset = one chunk plane; the next 8
+// pixels lie 128 bytes further (stride byte offset). W' is staged once per
+// block as [k-step][k-half][8 input channels][8 values]. Per input row:
+// 2 pixel halves x kh*kw*C_out/16 MMAs m64n8k16 (72 for 3x3 x 64 channels).
+//
+// A block is one warpgroup, persistent over work items (8-channel block, image,
+// segment of kSegmentRows input rows, column tile). Within an item it walks the
+// input rows in order, so each g row is copied once per segment (its kh - 1
+// halo rows once more per segment). The ring holds kh + 2 rows: the window the
+// current input row reads and two copies in flight. Nothing output-sized but
+// dX itself is written; no atomics.
+#include "kernels/cuda/grad_input_rows16.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cuda/conv_rows.h"
+#include "kernels/cuda/tf32_mma.cuh"
+#include "kernels/cuda/tile_launch.cuh"
+#include "kernels/cuda/wgmma_16bit.cuh"
+
+namespace fused_conv::cuda {
+namespace {
+
+constexpr int kThreads = 128;                // one warpgroup
+constexpr int kPix = kRowsPixels;            // pixels per column tile: 2 MMAs of M = 64
+constexpr int kSegmentRows = 32;             // input rows per work item
+constexpr int kChunkBytes = 16;              // 8 channels of one pixel
+constexpr int kWStepBytes = 2 * 8 * 16;      // one k-step of W': two k-halves of 8 x 16 bytes
+[[maybe_unused]] constexpr int kMinWidth = 64;  // narrower rows waste most of the MMA
+[[maybe_unused]] constexpr size_t kMaxSmem = 113 * 1024;  // two blocks per multiprocessor
+
+struct Dgrad16Shape {
+  int64_t n, items;
+  int c_in, c_out;     // the forward convolution's: dX has c_in channels, g c_out
+  int h, w;            // dX (the forward's input)
+  int g_h, g_w;        // g (the forward's output)
+  int kh, kw, p_h, p_w;  // p = k - 1 - pad: g's padding in this convolution
+  int planes;          // c_out / 8 chunks per g pixel
+  int k_steps;         // kh*kw*planes/2
+  int segments, tiles_w, c_blocks;
+  int staged_w;        // 128 + kw - 1 columns per ring row
+  int plane_bytes, row_bytes, ring_rows;
+};
+
+size_t smem_bytes(const Dgrad16Shape& s) {
+  return static_cast<size_t>(s.k_steps) * kWStepBytes +
+         static_cast<size_t>(s.ring_rows) * s.row_bytes;
+}
+
+Dgrad16Shape make_dgrad16_shape(const at::Tensor& g, const at::Tensor& input,
+                                const at::Tensor& weight, at::IntArrayRef padding) {
+  Dgrad16Shape s{};
+  s.n = input.size(0);
+  s.c_in = static_cast<int>(input.size(1));
+  s.h = static_cast<int>(input.size(2));
+  s.w = static_cast<int>(input.size(3));
+  s.c_out = static_cast<int>(weight.size(0));
+  s.kh = static_cast<int>(weight.size(2));
+  s.kw = static_cast<int>(weight.size(3));
+  s.g_h = static_cast<int>(g.size(2));
+  s.g_w = static_cast<int>(g.size(3));
+  s.p_h = s.kh - 1 - static_cast<int>(padding[0]);
+  s.p_w = s.kw - 1 - static_cast<int>(padding[1]);
+  s.planes = s.c_out / 8;
+  s.k_steps = s.kh * s.kw * s.planes / 2;
+  s.segments = (s.h + kSegmentRows - 1) / kSegmentRows;
+  s.tiles_w = (s.w + kPix - 1) / kPix;
+  s.c_blocks = (s.c_in + 7) / 8;
+  s.items = static_cast<int64_t>(s.c_blocks) * s.n * s.segments * s.tiles_w;
+  s.staged_w = kPix + s.kw - 1;
+  s.plane_bytes = s.staged_w * kChunkBytes;
+  s.row_bytes = s.planes * s.plane_bytes;
+  s.ring_rows = s.kh + 2;
+  return s;
+}
+
+#if FUSED_CONV_WGMMA
+// Issues the 16-byte copies of g row `gr` of image n, columns gw0.., into the
+// ring row at `dst` ([chunk][column][8 channels], zeros outside g). Item order:
+// chunk, column (consecutive threads read consecutive 16-byte pieces of the
+// NHWC row), advanced by carries.
+template <typename T>
+__device__ __forceinline__ void copy_g_row(const T* __restrict__ g, const Dgrad16Shape& s,
+                                           int64_t n, int gr, int gw0, uint32_t dst) {
+  const bool row_inside = static_cast<unsigned>(gr) < static_cast<unsigned>(s.g_h);
+  const T* row = g + (n * s.g_h + (row_inside ? gr : 0)) * static_cast<int64_t>(s.g_w) * s.c_out;
+  int pl = threadIdx.x % s.planes, col = threadIdx.x / s.planes;
+  for (int i = threadIdx.x; i < s.planes * s.staged_w; i += kThreads) {
+    const int gc = gw0 + col;
+    const bool inside = row_inside && static_cast<unsigned>(gc) < static_cast<unsigned>(s.g_w);
+    const T* src = inside ? row + static_cast<int64_t>(gc) * s.c_out + 8 * pl : g;
+    cp_async_16(dst + (pl * s.staged_w + col) * kChunkBytes, src, inside);
+    pl += kThreads % s.planes;
+    col += kThreads / s.planes;
+    if (pl >= s.planes) pl -= s.planes, ++col;
+  }
+}
+
+#endif
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    grad_input_rows16_kernel(const T* __restrict__ g, const T* __restrict__ w, Dgrad16Shape s,
+                             T* __restrict__ dx) {
+#if FUSED_CONV_WGMMA
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* w_s = smem;
+  unsigned char* ring = w_s + s.k_steps * kWStepBytes;
+  const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
+  // branch near the wgmmas looks divergent (ptxas would serialize them).
+  const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0);
+  const int lane = threadIdx.x & 31, g8 = lane >> 2, t = lane & 3;
+  const int taps = s.kh * s.kw, pairs = s.planes / 2;
+  // B = W': k-halves 128 bytes apart (leading), one 8-row group (stride unused).
+  const uint64_t b_desc0 = wgmma_desc_k_major(w_s, 128, 256);
+  constexpr uint32_t kBStep = kWStepBytes >> 4;  // one k-step, descriptor units
+  int staged_cb = -1;
+  // Not initialised: each half's first MMA has scale-d = 0, and zeroing
+  // instructions near the MMAs would make ptxas serialize them (C7515).
+  float acc[2][4];
+
+  for (int64_t item = blockIdx.x; item < s.items; item += gridDim.x) {
+    int64_t rest = item;
+    const int tile = static_cast<int>(rest % s.tiles_w);
+    rest /= s.tiles_w;
+    const int seg = static_cast<int>(rest % s.segments);
+    rest /= s.segments;
+    const int64_t n = rest % s.n;
+    const int cb = static_cast<int>(rest / s.n);
+    const int ih0 = seg * kSegmentRows, rows = min(kSegmentRows, s.h - ih0);
+    const int iw0 = tile * kPix;
+    const int first = ih0 - s.p_h;    // g row in ring slot 0: the first row's tap row 0
+    const int gw0 = iw0 - s.p_w;      // g column of ring column 0
+    const int last = rows + s.kh - 2;  // the last ring row (relative to first) any row reads
+
+    if (cb != staged_cb) {
+      // W' element (k-step ks, k-half kc, input channel ci, e) = chunk u = 2ks + kc
+      // = (tap, p): W[8p + e][8cb + ci] at the flipped tap; zeros past C_in.
+      T* w_t = reinterpret_cast<T*>(w_s);
+      for (int i = threadIdx.x; i < s.k_steps * 128; i += kThreads) {
+        const int u = i >> 6, ci = 8 * cb + ((i >> 3) & 7), e = i & 7;
+        const int tap = u / s.planes, p = u - tap * s.planes;
+        w_t[i] = ci < s.c_in ? w[(static_cast<int64_t>(8 * p + e) * s.c_in + ci) * taps +
+                                 (taps - 1 - tap)]
+                             : from_float<T>(0.f);
+      }
+      staged_cb = cb;  // made visible to wgmma by the first row's fence and barrier
+    }
+    // The first window (ring rows 0..kh-1) and one row ahead; one commit per
+    // ring row, empty or not, keeps the group count uniform.
+    for (int j = 0; j <= s.kh; ++j) {
+      if (j <= last) copy_g_row(g, s, n, first + j, gw0, ring_addr + j * s.row_bytes);
+      cp_async_commit();
+    }
+    int slot0 = 0;  // ring slot of row i's tap row 0: i % ring_rows
+    for (int i = 0; i < rows; ++i) {
+      // Ring rows up to i + kh - 1 have landed for this thread (all but the
+      // newest group); the fence hands them (and the staged W') to the async
+      // proxy; the barrier makes everyone's visible, and every warp has retired
+      // row i - 1's MMAs, so that row's first slot may be refilled.
+      cp_async_wait<1>();
+      fence_proxy_async_shared();
+      __syncthreads();
+      const int ahead = i + s.kh + 1;  // into slot (i - 1) % ring_rows
+      if (ahead <= last) {
+        const int slot = ahead % s.ring_rows;
+        copy_g_row(g, s, n, first + ahead, gw0, ring_addr + slot * s.row_bytes);
+      }
+      cp_async_commit();
+
+      wgmma_fence();
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        int ks = 0;
+        for (int r = 0; r < s.kh; ++r) {
+          const int slot = slot0 + r < s.ring_rows ? slot0 + r : slot0 + r - s.ring_rows;
+          const uint32_t row_addr = ring_addr + slot * s.row_bytes + half * 64 * kChunkBytes;
+          for (int q = 0; q < s.kw; ++q) {
+            for (int pp = 0; pp < pairs; ++pp, ++ks) {
+              const uint32_t a_addr = row_addr + 2 * pp * s.plane_bytes + q * kChunkBytes;
+              wgmma_16bit_ss_n8<T>(acc[half], desc_at(a_addr, s.plane_bytes, 128),
+                                   b_desc0 + ks * kBStep, ks);
+            }
+          }
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_accumulators(acc);
+
+      // Lane (g8, t) of warp w holds pixels 16w + g8 (+8) of each half, input
+      // channels 2t, 2t + 1 of the block: a 4-byte store each; a quad covers a
+      // pixel's 8 channels (16 bytes), a warp 8 consecutive pixels.
+      const int ci = 8 * cb + 2 * t;
+      if (ci < s.c_in) {
+        T* out_row = dx + ((n * s.h + ih0 + i) * static_cast<int64_t>(s.w) + iw0) * s.c_in + ci;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int px = half * 64 + 16 * warp + g8 + 8 * e;
+            if (iw0 + px < s.w) {
+              *reinterpret_cast<uint32_t*>(out_row + static_cast<int64_t>(px) * s.c_in) =
+                  pack_pair<T>(acc[half][2 * e], acc[half][2 * e + 1]);
+            }
+          }
+        }
+      }
+      slot0 = slot0 + 1 == s.ring_rows ? 0 : slot0 + 1;
+    }
+    // No copy outlives the item, and every warp is past its last MMAs before
+    // the next item's copies and weights overwrite what they read.
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+#else
+  // Not compiled for sm_90a: grad_input_rows16_supports() never selects this kernel.
+  __trap();
+#endif
+}
+
+template <typename T>
+void launch(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w, at::Tensor& dx) {
+  auto kernel = grad_input_rows16_kernel<T>;
+  const size_t smem = smem_bytes(s);
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+  const int per_sm =
+      std::max(resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), kThreads, smem), 1);
+  const int64_t grid = std::clamp<int64_t>(
+      static_cast<int64_t>(per_sm) * multiprocessors(g.get_device()), 1, s.items);
+  const T* gp = reinterpret_cast<const T*>(g.const_data_ptr());
+  const T* wp = reinterpret_cast<const T*>(w.const_data_ptr());
+  kernel<<<static_cast<unsigned>(grid), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      gp, wp, s, reinterpret_cast<T*>(dx.mutable_data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool grad_input_rows16_supports(const at::Tensor& grad_conv_out, const at::Tensor& input,
+                                const at::Tensor& weight, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups) {
+#ifndef FUSED_CONV_BUILT_SM90A
+  (void)grad_conv_out, (void)input, (void)weight, (void)stride, (void)padding, (void)dilation,
+      (void)groups;
+  return false;  // no sm_90a code in this build (setup.py defines the macro)
+#else
+  if (std::strcmp(forward_kernel_choice(), "tile") == 0) return false;
+  const at::ScalarType dtype = input.scalar_type();
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || grad_conv_out.scalar_type() != dtype ||
+      weight.scalar_type() != dtype || !input.is_cuda() || input.dim() != 4 ||
+      weight.dim() != 4 || grad_conv_out.dim() != 4 || groups != 1 || stride.size() != 2 ||
+      padding.size() != 2 || dilation.size() != 2 || stride[0] != 1 || stride[1] != 1 ||
+      dilation[0] != 1 || dilation[1] != 1) {
+    return false;
+  }
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  const int64_t g_h = input.size(2) + 2 * padding[0] - kh + 1;
+  const int64_t g_w = input.size(3) + 2 * padding[1] - kw + 1;
+  if (padding[0] < 0 || padding[1] < 0 || padding[0] > kh - 1 || padding[1] > kw - 1 ||
+      input.size(1) % 8 != 0 || weight.size(1) != input.size(1) || weight.size(0) % 16 != 0 ||
+      input.size(3) < kMinWidth || input.numel() == 0 ||
+      grad_conv_out.sizes() != at::IntArrayRef{input.size(0), weight.size(0), g_h, g_w} ||
+      !input.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+      !grad_conv_out.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+      reinterpret_cast<uintptr_t>(grad_conv_out.const_data_ptr()) % 16 != 0) {
+    return false;
+  }
+  const int device = input.get_device();
+  if (compute_capability_major(device) != 9) return false;
+  const size_t bytes = smem_bytes(make_dgrad16_shape(grad_conv_out, input, weight, padding));
+  return bytes <= kMaxSmem && bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
+#endif
+}
+
+at::Tensor grad_input_rows16(const at::Tensor& grad_conv_out, const at::Tensor& input,
+                             const at::Tensor& weight, at::IntArrayRef padding) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const int64_t unit[2] = {1, 1};
+  TORCH_CHECK(grad_input_rows16_supports(grad_conv_out, input, weight, unit, padding, unit, 1),
+              "fused_conv: grad_input outside the 16-bit row kernel's reach");
+  const Dgrad16Shape s = make_dgrad16_shape(grad_conv_out, input, weight, padding);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor dx =
+      at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (input.scalar_type() == at::kBFloat16) {
+    launch<__nv_bfloat16>(s, grad_conv_out, w, dx);
+  } else {
+    launch<__half>(s, grad_conv_out, w, dx);
+  }
+  return dx;
+}
+
+}  // namespace fused_conv::cuda
