@@ -102,27 +102,35 @@ Dgrad16Shape make_dgrad16_shape(const at::Tensor& g, const at::Tensor& input,
 // Issues the 16-byte copies of g row `gr` of image n, columns gw0.., into the
 // ring row at `dst` ([chunk][column][8 channels], zeros outside g). Item order:
 // chunk, column (consecutive threads read consecutive 16-byte pieces of the
-// NHWC row), advanced by carries.
+// NHWC row), advanced by carries. planes and staged_w are compile-time
+// constants in the unrolled kernels.
 template <typename T>
 __device__ __forceinline__ void copy_g_row(const T* __restrict__ g, const Dgrad16Shape& s,
-                                           int64_t n, int gr, int gw0, uint32_t dst) {
+                                           int planes, int staged_w, int64_t n, int gr, int gw0,
+                                           uint32_t dst) {
   const bool row_inside = static_cast<unsigned>(gr) < static_cast<unsigned>(s.g_h);
   const T* row = g + (n * s.g_h + (row_inside ? gr : 0)) * static_cast<int64_t>(s.g_w) * s.c_out;
-  int pl = threadIdx.x % s.planes, col = threadIdx.x / s.planes;
-  for (int i = threadIdx.x; i < s.planes * s.staged_w; i += kThreads) {
+  int pl = threadIdx.x % planes, col = threadIdx.x / planes;
+  for (int i = threadIdx.x; i < planes * staged_w; i += kThreads) {
     const int gc = gw0 + col;
     const bool inside = row_inside && static_cast<unsigned>(gc) < static_cast<unsigned>(s.g_w);
     const T* src = inside ? row + static_cast<int64_t>(gc) * s.c_out + 8 * pl : g;
-    cp_async_16(dst + (pl * s.staged_w + col) * kChunkBytes, src, inside);
-    pl += kThreads % s.planes;
-    col += kThreads / s.planes;
-    if (pl >= s.planes) pl -= s.planes, ++col;
+    cp_async_16(dst + (pl * staged_w + col) * kChunkBytes, src, inside);
+    pl += kThreads % planes;
+    col += kThreads / planes;
+    if (pl >= planes) pl -= planes, ++col;
   }
 }
 
 #endif
 
-template <typename T>
+// KH, KW, PAIRS > 0 fix the kernel size and C_out / 16 at compile time, so
+// that the MMA loop unrolls into straight-line wgmmas with constant descriptor
+// offsets; 0 takes them from the shape. A runtime loop around the wgmmas makes
+// ptxas insert a warpgroup.arrive every few MMAs (C7519), which serialises
+// the short m64n8k16 MMAs on their latency (measured: 0.32 ms on the reference
+// problem's backward, cuDNN 0.34).
+template <typename T, int KH, int KW, int PAIRS>
 __global__ void __launch_bounds__(kThreads)
     grad_input_rows16_kernel(const T* __restrict__ g, const T* __restrict__ w, Dgrad16Shape s,
                              T* __restrict__ dx) {
@@ -135,7 +143,11 @@ __global__ void __launch_bounds__(kThreads)
   // branch near the wgmmas looks divergent (ptxas would serialize them).
   const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0);
   const int lane = threadIdx.x & 31, g8 = lane >> 2, t = lane & 3;
-  const int taps = s.kh * s.kw, pairs = s.planes / 2;
+  const int kh = KH > 0 ? KH : s.kh, kw = KW > 0 ? KW : s.kw;
+  const int pairs = PAIRS > 0 ? PAIRS : s.planes / 2, planes = 2 * pairs;
+  const int taps = kh * kw, ring_rows = kh + 2;
+  const int staged_w = KW > 0 ? kPix + KW - 1 : s.staged_w;
+  const int plane_bytes = staged_w * kChunkBytes, row_bytes = planes * plane_bytes;
   // B = W': k-halves 128 bytes apart (leading), one 8-row group (stride unused).
   const uint64_t b_desc0 = wgmma_desc_k_major(w_s, 128, 256);
   constexpr uint32_t kBStep = kWStepBytes >> 4;  // one k-step, descriptor units
@@ -156,7 +168,7 @@ __global__ void __launch_bounds__(kThreads)
     const int iw0 = tile * kPix;
     const int first = ih0 - s.p_h;    // g row in ring slot 0: the first row's tap row 0
     const int gw0 = iw0 - s.p_w;      // g column of ring column 0
-    const int last = rows + s.kh - 2;  // the last ring row (relative to first) any row reads
+    const int last = rows + kh - 2;  // the last ring row (relative to first) any row reads
 
     if (cb != staged_cb) {
       // W' element (k-step ks, k-half kc, input channel ci, e) = chunk u = 2ks + kc
@@ -164,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
       T* w_t = reinterpret_cast<T*>(w_s);
       for (int i = threadIdx.x; i < s.k_steps * 128; i += kThreads) {
         const int u = i >> 6, ci = 8 * cb + ((i >> 3) & 7), e = i & 7;
-        const int tap = u / s.planes, p = u - tap * s.planes;
+        const int tap = u / planes, p = u - tap * planes;
         w_t[i] = ci < s.c_in ? w[(static_cast<int64_t>(8 * p + e) * s.c_in + ci) * taps +
                                  (taps - 1 - tap)]
                              : from_float<T>(0.f);
@@ -173,8 +185,10 @@ __global__ void __launch_bounds__(kThreads)
     }
     // The first window (ring rows 0..kh-1) and one row ahead; one commit per
     // ring row, empty or not, keeps the group count uniform.
-    for (int j = 0; j <= s.kh; ++j) {
-      if (j <= last) copy_g_row(g, s, n, first + j, gw0, ring_addr + j * s.row_bytes);
+    for (int j = 0; j <= kh; ++j) {
+      if (j <= last) {
+        copy_g_row(g, s, planes, staged_w, n, first + j, gw0, ring_addr + j * row_bytes);
+      }
       cp_async_commit();
     }
     int slot0 = 0;  // ring slot of row i's tap row 0: i % ring_rows
@@ -186,25 +200,32 @@ __global__ void __launch_bounds__(kThreads)
       cp_async_wait<1>();
       fence_proxy_async_shared();
       __syncthreads();
-      const int ahead = i + s.kh + 1;  // into slot (i - 1) % ring_rows
+      const int ahead = i + kh + 1;  // into slot (i - 1) % ring_rows
       if (ahead <= last) {
-        const int slot = ahead % s.ring_rows;
-        copy_g_row(g, s, n, first + ahead, gw0, ring_addr + slot * s.row_bytes);
+        const int slot = ahead % ring_rows;
+        copy_g_row(g, s, planes, staged_w, n, first + ahead, gw0, ring_addr + slot * row_bytes);
       }
       cp_async_commit();
 
       wgmma_fence();
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        int ks = 0;
-        for (int r = 0; r < s.kh; ++r) {
-          const int slot = slot0 + r < s.ring_rows ? slot0 + r : slot0 + r - s.ring_rows;
-          const uint32_t row_addr = ring_addr + slot * s.row_bytes + half * 64 * kChunkBytes;
-          for (int q = 0; q < s.kw; ++q) {
-            for (int pp = 0; pp < pairs; ++pp, ++ks) {
-              const uint32_t a_addr = row_addr + 2 * pp * s.plane_bytes + q * kChunkBytes;
-              wgmma_16bit_ss_n8<T>(acc[half], desc_at(a_addr, s.plane_bytes, 128),
-                                   b_desc0 + ks * kBStep, ks);
+#pragma unroll
+        for (int r = 0; r < kh; ++r) {
+          // The descriptor of the tap row's first core matrix; the others are
+          // constant offsets from it (16-byte units; no carry out of the
+          // 14-bit address field: every address lies inside shared memory).
+          const int slot = slot0 + r < ring_rows ? slot0 + r : slot0 + r - ring_rows;
+          const uint64_t row_desc = desc_at(ring_addr + slot * row_bytes, plane_bytes, 128);
+#pragma unroll
+          for (int q = 0; q < kw; ++q) {
+#pragma unroll
+            for (int pp = 0; pp < pairs; ++pp) {
+              const int ks = (r * kw + q) * pairs + pp;
+              const uint32_t offset = half * 64 * kChunkBytes + 2 * pp * plane_bytes +
+                                      q * kChunkBytes;
+              wgmma_16bit_ss_n8<T>(acc[half], row_desc + (offset >> 4), b_desc0 + ks * kBStep,
+                                   ks);
             }
           }
         }
@@ -231,7 +252,7 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
-      slot0 = slot0 + 1 == s.ring_rows ? 0 : slot0 + 1;
+      slot0 = slot0 + 1 == ring_rows ? 0 : slot0 + 1;
     }
     // No copy outlives the item, and every warp is past its last MMAs before
     // the next item's copies and weights overwrite what they read.
@@ -244,9 +265,10 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-template <typename T>
-void launch(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w, at::Tensor& dx) {
-  auto kernel = grad_input_rows16_kernel<T>;
+template <typename T, int KH, int KW, int PAIRS>
+void launch_unrolled(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w,
+                     at::Tensor& dx) {
+  auto kernel = grad_input_rows16_kernel<T, KH, KW, PAIRS>;
   const size_t smem = smem_bytes(s);
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   const int per_sm =
@@ -258,6 +280,20 @@ void launch(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w, at:
   kernel<<<static_cast<unsigned>(grid), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       gp, wp, s, reinterpret_cast<T*>(dx.mutable_data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// 3x3 kernels with C_out = 64 (the reference problem) or 32 run fully
+// unrolled; C_out = 128 and more does not fit the shared memory budget.
+// Everything else takes the kernel with runtime loops.
+template <typename T>
+void launch(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w, at::Tensor& dx) {
+  if (s.kh == 3 && s.kw == 3 && s.planes == 8) {
+    launch_unrolled<T, 3, 3, 4>(s, g, w, dx);
+  } else if (s.kh == 3 && s.kw == 3 && s.planes == 4) {
+    launch_unrolled<T, 3, 3, 2>(s, g, w, dx);
+  } else {
+    launch_unrolled<T, 0, 0, 0>(s, g, w, dx);
+  }
 }
 
 }  // namespace
