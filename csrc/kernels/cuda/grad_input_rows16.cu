@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "kernels/cuda/conv_rows.h"
@@ -46,12 +47,20 @@ namespace fused_conv::cuda {
 namespace {
 
 constexpr int kThreads = 128;                // one warpgroup
-constexpr int kPix = kRowsPixels;            // pixels per column tile: 2 MMAs of M = 64
+constexpr int kHalfPix = 64;                 // pixels per MMA (M = 64)
 constexpr int kSegmentRows = 32;             // input rows per work item
 constexpr int kChunkBytes = 16;              // 8 channels of one pixel
 constexpr int kWStepBytes = 2 * 8 * 16;      // one k-step of W': two k-halves of 8 x 16 bytes
 [[maybe_unused]] constexpr int kMinWidth = 64;  // narrower rows waste most of the MMA
 [[maybe_unused]] constexpr size_t kMaxSmem = 113 * 1024;  // two blocks per multiprocessor
+
+// Column tiles of 128 pixels (two MMAs per row) or 64 (one; a smaller row
+// ring, four blocks per multiprocessor). FUSED_CONV_DGRAD16_PIX=64 picks 64
+// (measurement knob).
+int dgrad16_halves() {
+  const char* v = std::getenv("FUSED_CONV_DGRAD16_PIX");
+  return v != nullptr && std::strcmp(v, "64") == 0 ? 1 : 2;
+}
 
 struct Dgrad16Shape {
   int64_t n, items;
@@ -61,6 +70,7 @@ struct Dgrad16Shape {
   int kh, kw, p_h, p_w;  // p = k - 1 - pad: g's padding in this convolution
   int planes;          // c_out / 8 chunks per g pixel
   int k_steps;         // kh*kw*planes/2
+  int halves;          // MMAs of 64 pixels per column tile (1 or 2)
   int segments, tiles_w, c_blocks;
   int staged_w;        // 128 + kw - 1 columns per ring row
   int plane_bytes, row_bytes, ring_rows;
@@ -72,8 +82,9 @@ size_t smem_bytes(const Dgrad16Shape& s) {
 }
 
 Dgrad16Shape make_dgrad16_shape(const at::Tensor& g, const at::Tensor& input,
-                                const at::Tensor& weight, at::IntArrayRef padding) {
+                                const at::Tensor& weight, at::IntArrayRef padding, int halves) {
   Dgrad16Shape s{};
+  s.halves = halves;
   s.n = input.size(0);
   s.c_in = static_cast<int>(input.size(1));
   s.h = static_cast<int>(input.size(2));
@@ -88,10 +99,10 @@ Dgrad16Shape make_dgrad16_shape(const at::Tensor& g, const at::Tensor& input,
   s.planes = s.c_out / 8;
   s.k_steps = s.kh * s.kw * s.planes / 2;
   s.segments = (s.h + kSegmentRows - 1) / kSegmentRows;
-  s.tiles_w = (s.w + kPix - 1) / kPix;
+  s.tiles_w = (s.w + kHalfPix * halves - 1) / (kHalfPix * halves);
   s.c_blocks = (s.c_in + 7) / 8;
   s.items = static_cast<int64_t>(s.c_blocks) * s.n * s.segments * s.tiles_w;
-  s.staged_w = kPix + s.kw - 1;
+  s.staged_w = kHalfPix * halves + s.kw - 1;
   s.plane_bytes = s.staged_w * kChunkBytes;
   s.row_bytes = s.planes * s.plane_bytes;
   s.ring_rows = s.kh + 2;
@@ -110,6 +121,22 @@ __device__ __forceinline__ void copy_g_row(const T* __restrict__ g, const Dgrad1
                                            uint32_t dst) {
   const bool row_inside = static_cast<unsigned>(gr) < static_cast<unsigned>(s.g_h);
   const T* row = g + (n * s.g_h + (row_inside ? gr : 0)) * static_cast<int64_t>(s.g_w) * s.c_out;
+  if (kThreads % planes == 0) {
+    // Each thread keeps one chunk and steps by whole columns: one offset
+    // increment per copy (the general loop below spends ~25 instructions).
+    const int pl = threadIdx.x % planes, step = kThreads / planes;
+    int col = threadIdx.x / planes;
+    int64_t off = (row - g) + static_cast<int64_t>(gw0 + col) * s.c_out + 8 * pl;
+    uint32_t d = dst + (pl * staged_w + col) * kChunkBytes;
+    for (; col < staged_w; col += step) {
+      const bool inside =
+          row_inside && static_cast<unsigned>(gw0 + col) < static_cast<unsigned>(s.g_w);
+      cp_async_16(d, inside ? g + off : g, inside);
+      off += static_cast<int64_t>(step) * s.c_out;
+      d += step * kChunkBytes;
+    }
+    return;
+  }
   int pl = threadIdx.x % planes, col = threadIdx.x / planes;
   for (int i = threadIdx.x; i < planes * staged_w; i += kThreads) {
     const int gc = gw0 + col;
@@ -130,7 +157,7 @@ __device__ __forceinline__ void copy_g_row(const T* __restrict__ g, const Dgrad1
 // ptxas insert a warpgroup.arrive every few MMAs (C7519), which serialises
 // the short m64n8k16 MMAs on their latency (measured: 0.32 ms on the reference
 // problem's backward, cuDNN 0.34).
-template <typename T, int KH, int KW, int PAIRS>
+template <typename T, int KH, int KW, int PAIRS, int HALVES>
 __global__ void __launch_bounds__(kThreads)
     grad_input_rows16_kernel(const T* __restrict__ g, const T* __restrict__ w, Dgrad16Shape s,
                              T* __restrict__ dx) {
@@ -146,7 +173,7 @@ __global__ void __launch_bounds__(kThreads)
   const int kh = KH > 0 ? KH : s.kh, kw = KW > 0 ? KW : s.kw;
   const int pairs = PAIRS > 0 ? PAIRS : s.planes / 2, planes = 2 * pairs;
   const int taps = kh * kw, ring_rows = kh + 2;
-  const int staged_w = KW > 0 ? kPix + KW - 1 : s.staged_w;
+  const int staged_w = KW > 0 ? kHalfPix * HALVES + KW - 1 : s.staged_w;
   const int plane_bytes = staged_w * kChunkBytes, row_bytes = planes * plane_bytes;
   // B = W': k-halves 128 bytes apart (leading), one 8-row group (stride unused).
   const uint64_t b_desc0 = wgmma_desc_k_major(w_s, 128, 256);
@@ -154,7 +181,7 @@ __global__ void __launch_bounds__(kThreads)
   int staged_cb = -1;
   // Not initialised: each half's first MMA has scale-d = 0, and zeroing
   // instructions near the MMAs would make ptxas serialize them (C7515).
-  float acc[2][4];
+  float acc[HALVES][4];
 
   for (int64_t item = blockIdx.x; item < s.items; item += gridDim.x) {
     int64_t rest = item;
@@ -165,7 +192,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n = rest % s.n;
     const int cb = static_cast<int>(rest / s.n);
     const int ih0 = seg * kSegmentRows, rows = min(kSegmentRows, s.h - ih0);
-    const int iw0 = tile * kPix;
+    const int iw0 = tile * kHalfPix * HALVES;
     const int first = ih0 - s.p_h;    // g row in ring slot 0: the first row's tap row 0
     const int gw0 = iw0 - s.p_w;      // g column of ring column 0
     const int last = rows + kh - 2;  // the last ring row (relative to first) any row reads
@@ -209,7 +236,7 @@ __global__ void __launch_bounds__(kThreads)
 
       wgmma_fence();
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
+      for (int half = 0; half < HALVES; ++half) {
 #pragma unroll
         for (int r = 0; r < kh; ++r) {
           // The descriptor of the tap row's first core matrix; the others are
@@ -241,7 +268,7 @@ __global__ void __launch_bounds__(kThreads)
       if (ci < s.c_in) {
         T* out_row = dx + ((n * s.h + ih0 + i) * static_cast<int64_t>(s.w) + iw0) * s.c_in + ci;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
+        for (int half = 0; half < HALVES; ++half) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int px = half * 64 + 16 * warp + g8 + 8 * e;
@@ -265,10 +292,10 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-template <typename T, int KH, int KW, int PAIRS>
+template <typename T, int KH, int KW, int PAIRS, int HALVES>
 void launch_unrolled(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w,
                      at::Tensor& dx) {
-  auto kernel = grad_input_rows16_kernel<T, KH, KW, PAIRS>;
+  auto kernel = grad_input_rows16_kernel<T, KH, KW, PAIRS, HALVES>;
   const size_t smem = smem_bytes(s);
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   const int per_sm =
@@ -285,14 +312,24 @@ void launch_unrolled(const Dgrad16Shape& s, const at::Tensor& g, const at::Tenso
 // 3x3 kernels with C_out = 64 (the reference problem) or 32 run fully
 // unrolled; C_out = 128 and more does not fit the shared memory budget.
 // Everything else takes the kernel with runtime loops.
+template <typename T, int HALVES>
+void launch_halves(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w,
+                   at::Tensor& dx) {
+  if (s.kh == 3 && s.kw == 3 && s.planes == 8) {
+    launch_unrolled<T, 3, 3, 4, HALVES>(s, g, w, dx);
+  } else if (s.kh == 3 && s.kw == 3 && s.planes == 4) {
+    launch_unrolled<T, 3, 3, 2, HALVES>(s, g, w, dx);
+  } else {
+    launch_unrolled<T, 0, 0, 0, HALVES>(s, g, w, dx);
+  }
+}
+
 template <typename T>
 void launch(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w, at::Tensor& dx) {
-  if (s.kh == 3 && s.kw == 3 && s.planes == 8) {
-    launch_unrolled<T, 3, 3, 4>(s, g, w, dx);
-  } else if (s.kh == 3 && s.kw == 3 && s.planes == 4) {
-    launch_unrolled<T, 3, 3, 2>(s, g, w, dx);
+  if (s.halves == 1) {
+    launch_halves<T, 1>(s, g, w, dx);
   } else {
-    launch_unrolled<T, 0, 0, 0>(s, g, w, dx);
+    launch_halves<T, 2>(s, g, w, dx);
   }
 }
 
@@ -330,7 +367,7 @@ bool grad_input_rows16_supports(const at::Tensor& grad_conv_out, const at::Tenso
   }
   const int device = input.get_device();
   if (compute_capability_major(device) != 9) return false;
-  const size_t bytes = smem_bytes(make_dgrad16_shape(grad_conv_out, input, weight, padding));
+  const size_t bytes = smem_bytes(make_dgrad16_shape(grad_conv_out, input, weight, padding, dgrad16_halves()));
   return bytes <= kMaxSmem && bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
 #endif
 }
@@ -341,7 +378,7 @@ at::Tensor grad_input_rows16(const at::Tensor& grad_conv_out, const at::Tensor& 
   const int64_t unit[2] = {1, 1};
   TORCH_CHECK(grad_input_rows16_supports(grad_conv_out, input, weight, unit, padding, unit, 1),
               "fused_conv: grad_input outside the 16-bit row kernel's reach");
-  const Dgrad16Shape s = make_dgrad16_shape(grad_conv_out, input, weight, padding);
+  const Dgrad16Shape s = make_dgrad16_shape(grad_conv_out, input, weight, padding, dgrad16_halves());
   const at::Tensor w = weight.contiguous();
   at::Tensor dx =
       at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
