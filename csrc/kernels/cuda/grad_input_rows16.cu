@@ -5,27 +5,37 @@
 //                                     * W[c][ci][kh - 1 - r][kw - 1 - q],
 // g zero outside its rows and columns.
 //
-// GEMM per input row ih and 128-pixel column tile, with the pixels as the MMA's
-// M (the 8 input channels of a block are too few for M = 64):
-//   dX^T(128 pixels x 8 channels) = G(128 x K) * W'(K x 8),
-//   K = (tap (r, q), channel chunk p of 8 output channels), p fastest.
-// wgmma reads both operands K-major from shared memory in core matrices of 8
-// rows x 16 bytes, as in the forward's 16-bit row kernel (conv_rows16.cu): g's
-// rows are copied verbatim by 16-byte cp.async into a ring of rows laid out
-// [chunk p][column][8 channels], so the core matrix of (tap (r, q), chunk p)
-// for pixels j..j+7 is the 128 contiguous bytes at (the ring row holding g row
-// ih - p_h + r, chunk p, column j + q). A k16-step pairs chunks p and p + 1 of
-// one tap (C_out % 16 == 0): leading byte offset = one chunk plane; the next 8
-// pixels lie 128 bytes further (stride byte offset). W' is staged once per
-// block as [k-step][k-half][8 input channels][8 values]. Per input row:
-// 2 pixel halves x kh*kw*C_out/16 MMAs m64n8k16 (72 for 3x3 x 64 channels).
+// GEMM per group of kGroupRows = R input rows and 64-pixel column tile, with
+// the pixels as the MMA's M (the 8 input channels of a block are too few for
+// M = 64) and the R rows' 8 channels side by side as N = 8R:
+//   dX^T(64 pixels x (R rows x 8 channels))
+//     = sum over the group's R + kh - 1 g rows j, taps q, chunk pairs:
+//       G_j(64 x 16) * B_j(16 x 8R),
+// where B_j's column block rho (output row rho of the group) holds the
+// flipped weights of tap row r = j - rho, or zeros where j - rho is not a tap
+// row. A g row is thus read from shared memory once per group instead of once
+// per output row, and each MMA is m64n32k16 instead of m64n8k16: half the
+// MMAs of one output row at a time, whose issue rate bounded that version
+// (0.16 ms on the reference problem's backward; cuDNN 0.34).
+//
+// B_j without a copy per j: W' is staged per k-step (q, chunk pair) as a run
+// of 2R + kh - 2 blocks of 16 x 8 values, block m = W'(tap row R + kh - 2 - m)
+// for R - 1 <= m <= R + kh - 2 and zeros elsewhere. N-groups of 8 lie one
+// block apart (the descriptor's stride byte offset), so B_j is the 4 blocks
+// from m = R + kh - 2 - j: column block rho reads tap row j - rho.
+//
+// Operand A as in the forward's 16-bit row kernel (conv_rows16.cu): g's rows
+// are copied verbatim by 16-byte cp.async into a ring of rows laid out
+// [chunk p][column][8 channels], so the core matrix of (tap q, chunk p) for
+// pixels j..j+7 is the 128 contiguous bytes at (the ring row, chunk p, column
+// j + q). A k16-step pairs chunks p and p + 1 (C_out % 16 == 0): leading byte
+// offset = one chunk plane, the next 8 pixels 128 bytes further.
 //
 // A block is one warpgroup, persistent over work items (8-channel block, image,
 // segment of kSegmentRows input rows, column tile). Within an item it walks the
-// input rows in order, so each g row is copied once per segment (its kh - 1
-// halo rows once more per segment). The ring holds kh + 2 rows: the window the
-// current input row reads and two copies in flight. Nothing output-sized but
-// dX itself is written; no atomics.
+// row groups in order. The ring holds 2R + kh - 1 g rows: a group's window of
+// R + kh - 1 and the next group's R new rows, whose copies fly while the group
+// computes. Nothing output-sized but dX itself is written; no atomics.
 #include "kernels/cuda/grad_input_rows16.h"
 
 #include <ATen/ATen.h>
@@ -35,7 +45,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 
 #include "kernels/cuda/conv_rows.h"
@@ -47,20 +56,13 @@ namespace fused_conv::cuda {
 namespace {
 
 constexpr int kThreads = 128;                // one warpgroup
-constexpr int kHalfPix = 64;                 // pixels per MMA (M = 64)
+constexpr int kPix = 64;                     // pixels per column tile (M = 64)
+constexpr int kGroupRows = 4;                // R: input rows per MMA group (N = 8R = 32)
 constexpr int kSegmentRows = 32;             // input rows per work item
 constexpr int kChunkBytes = 16;              // 8 channels of one pixel
-constexpr int kWStepBytes = 2 * 8 * 16;      // one k-step of W': two k-halves of 8 x 16 bytes
+constexpr int kBlockBytes = 2 * 8 * 16;      // one W' block: two k-halves of 8 x 16 bytes
 [[maybe_unused]] constexpr int kMinWidth = 64;  // narrower rows waste most of the MMA
 [[maybe_unused]] constexpr size_t kMaxSmem = 113 * 1024;  // two blocks per multiprocessor
-
-// Column tiles of 128 pixels (two MMAs per row) or 64 (one; a smaller row
-// ring, four blocks per multiprocessor). FUSED_CONV_DGRAD16_PIX=64 picks 64
-// (measurement knob).
-int dgrad16_halves() {
-  const char* v = std::getenv("FUSED_CONV_DGRAD16_PIX");
-  return v != nullptr && std::strcmp(v, "64") == 0 ? 1 : 2;
-}
 
 struct Dgrad16Shape {
   int64_t n, items;
@@ -69,22 +71,21 @@ struct Dgrad16Shape {
   int g_h, g_w;        // g (the forward's output)
   int kh, kw, p_h, p_w;  // p = k - 1 - pad: g's padding in this convolution
   int planes;          // c_out / 8 chunks per g pixel
-  int k_steps;         // kh*kw*planes/2
-  int halves;          // MMAs of 64 pixels per column tile (1 or 2)
+  int k_steps;         // kw * planes / 2: (tap column, chunk pair)
+  int blocks;          // 2R + kh - 2 W' blocks per k-step
   int segments, tiles_w, c_blocks;
-  int staged_w;        // 128 + kw - 1 columns per ring row
+  int staged_w;        // 64 + kw - 1 columns per ring row
   int plane_bytes, row_bytes, ring_rows;
 };
 
 size_t smem_bytes(const Dgrad16Shape& s) {
-  return static_cast<size_t>(s.k_steps) * kWStepBytes +
+  return static_cast<size_t>(s.k_steps) * s.blocks * kBlockBytes +
          static_cast<size_t>(s.ring_rows) * s.row_bytes;
 }
 
 Dgrad16Shape make_dgrad16_shape(const at::Tensor& g, const at::Tensor& input,
-                                const at::Tensor& weight, at::IntArrayRef padding, int halves) {
+                                const at::Tensor& weight, at::IntArrayRef padding) {
   Dgrad16Shape s{};
-  s.halves = halves;
   s.n = input.size(0);
   s.c_in = static_cast<int>(input.size(1));
   s.h = static_cast<int>(input.size(2));
@@ -97,15 +98,16 @@ Dgrad16Shape make_dgrad16_shape(const at::Tensor& g, const at::Tensor& input,
   s.p_h = s.kh - 1 - static_cast<int>(padding[0]);
   s.p_w = s.kw - 1 - static_cast<int>(padding[1]);
   s.planes = s.c_out / 8;
-  s.k_steps = s.kh * s.kw * s.planes / 2;
+  s.k_steps = s.kw * s.planes / 2;
+  s.blocks = 2 * kGroupRows + s.kh - 2;
   s.segments = (s.h + kSegmentRows - 1) / kSegmentRows;
-  s.tiles_w = (s.w + kHalfPix * halves - 1) / (kHalfPix * halves);
+  s.tiles_w = (s.w + kPix - 1) / kPix;
   s.c_blocks = (s.c_in + 7) / 8;
   s.items = static_cast<int64_t>(s.c_blocks) * s.n * s.segments * s.tiles_w;
-  s.staged_w = kHalfPix * halves + s.kw - 1;
+  s.staged_w = kPix + s.kw - 1;
   s.plane_bytes = s.staged_w * kChunkBytes;
   s.row_bytes = s.planes * s.plane_bytes;
-  s.ring_rows = s.kh + 2;
+  s.ring_rows = 2 * kGroupRows + s.kh - 1;
   return s;
 }
 
@@ -155,33 +157,35 @@ __device__ __forceinline__ void copy_g_row(const T* __restrict__ g, const Dgrad1
 // that the MMA loop unrolls into straight-line wgmmas with constant descriptor
 // offsets; 0 takes them from the shape. A runtime loop around the wgmmas makes
 // ptxas insert a warpgroup.arrive every few MMAs (C7519), which serialises
-// the short m64n8k16 MMAs on their latency (measured: 0.32 ms on the reference
-// problem's backward, cuDNN 0.34).
-template <typename T, int KH, int KW, int PAIRS, int HALVES>
+// them on their latency (measured: 0.32 ms against 0.16 unrolled).
+template <typename T, int KH, int KW, int PAIRS>
 __global__ void __launch_bounds__(kThreads)
     grad_input_rows16_kernel(const T* __restrict__ g, const T* __restrict__ w, Dgrad16Shape s,
                              T* __restrict__ dx) {
 #if FUSED_CONV_WGMMA
+  constexpr int R = kGroupRows;
   extern __shared__ __align__(128) unsigned char smem[];
+  const int kh = KH > 0 ? KH : s.kh, kw = KW > 0 ? KW : s.kw;
+  const int pairs = PAIRS > 0 ? PAIRS : s.planes / 2, planes = 2 * pairs;
+  const int taps = kh * kw, window = R + kh - 1, ring_rows = 2 * R + kh - 1;
+  const int blocks = 2 * R + kh - 2, k_steps = kw * pairs;
+  const int staged_w = KW > 0 ? kPix + KW - 1 : s.staged_w;
+  const int plane_bytes = staged_w * kChunkBytes, row_bytes = planes * plane_bytes;
   unsigned char* w_s = smem;
-  unsigned char* ring = w_s + s.k_steps * kWStepBytes;
+  unsigned char* ring = w_s + k_steps * blocks * kBlockBytes;
   const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
   // branch near the wgmmas looks divergent (ptxas would serialize them).
   const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0);
   const int lane = threadIdx.x & 31, g8 = lane >> 2, t = lane & 3;
-  const int kh = KH > 0 ? KH : s.kh, kw = KW > 0 ? KW : s.kw;
-  const int pairs = PAIRS > 0 ? PAIRS : s.planes / 2, planes = 2 * pairs;
-  const int taps = kh * kw, ring_rows = kh + 2;
-  const int staged_w = KW > 0 ? kHalfPix * HALVES + KW - 1 : s.staged_w;
-  const int plane_bytes = staged_w * kChunkBytes, row_bytes = planes * plane_bytes;
-  // B = W': k-halves 128 bytes apart (leading), one 8-row group (stride unused).
-  const uint64_t b_desc0 = wgmma_desc_k_major(w_s, 128, 256);
-  constexpr uint32_t kBStep = kWStepBytes >> 4;  // one k-step, descriptor units
+  // B: k-halves 128 bytes apart (leading), N-groups of 8 one block apart (stride).
+  const uint64_t b_desc0 = wgmma_desc_k_major(w_s, 128, kBlockBytes);
   int staged_cb = -1;
-  // Not initialised: each half's first MMA has scale-d = 0, and zeroing
-  // instructions near the MMAs would make ptxas serialize them (C7515).
-  float acc[HALVES][4];
+  // acc[rho][e]: output row rho of the group, pixels 16w + g8 (+8 for e >= 2),
+  // input channels 2t, 2t + 1 of the block. Not initialised: the first MMA
+  // has scale-d = 0, and zeroing instructions near the MMAs would make ptxas
+  // serialize them (C7515).
+  float acc[R][4];
 
   for (int64_t item = blockIdx.x; item < s.items; item += gridDim.x) {
     int64_t rest = item;
@@ -192,68 +196,67 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n = rest % s.n;
     const int cb = static_cast<int>(rest / s.n);
     const int ih0 = seg * kSegmentRows, rows = min(kSegmentRows, s.h - ih0);
-    const int iw0 = tile * kHalfPix * HALVES;
-    const int first = ih0 - s.p_h;    // g row in ring slot 0: the first row's tap row 0
-    const int gw0 = iw0 - s.p_w;      // g column of ring column 0
-    const int last = rows + kh - 2;  // the last ring row (relative to first) any row reads
+    const int groups = (rows + R - 1) / R;
+    const int iw0 = tile * kPix;
+    const int first = ih0 - s.p_h;  // g row of relative row 0: the first group's first
+    const int gw0 = iw0 - s.p_w;    // g column of ring column 0
+    // Relative g row j lives in ring slot j % ring_rows; every row a group's
+    // MMAs read is copied (zeros outside g), also past the segment's last
+    // row: a zero weight block times a stale NaN would still be NaN.
+    const auto copy_row = [&](int j) {
+      copy_g_row(g, s, planes, staged_w, n, first + j, gw0,
+                 ring_addr + (j % ring_rows) * row_bytes);
+    };
 
     if (cb != staged_cb) {
-      // W' element (k-step ks, k-half kc, input channel ci, e) = chunk u = 2ks + kc
-      // = (tap, p): W[8p + e][8cb + ci] at the flipped tap; zeros past C_in.
+      // W' element (k-step ks = (q, pair pp), block m, k-half kc, input
+      // channel ci, e): chunk 8p + e with p = 2pp + kc, of tap row
+      // r = R + kh - 2 - m (zeros outside 0..kh-1) at the flipped tap;
+      // zeros past C_in.
       T* w_t = reinterpret_cast<T*>(w_s);
-      for (int i = threadIdx.x; i < s.k_steps * 128; i += kThreads) {
-        const int u = i >> 6, ci = 8 * cb + ((i >> 3) & 7), e = i & 7;
-        const int tap = u / planes, p = u - tap * planes;
-        w_t[i] = ci < s.c_in ? w[(static_cast<int64_t>(8 * p + e) * s.c_in + ci) * taps +
-                                 (taps - 1 - tap)]
-                             : from_float<T>(0.f);
+      for (int i = threadIdx.x; i < k_steps * blocks * 128; i += kThreads) {
+        const int e = i & 7, ci = 8 * cb + ((i >> 3) & 7), kc = (i >> 6) & 1, blk = i >> 7;
+        const int ks = blk / blocks, m = blk - ks * blocks;
+        const int q = ks / pairs, p = 2 * (ks - q * pairs) + kc, r = R + kh - 2 - m;
+        const bool live = ci < s.c_in && r >= 0 && r < kh;
+        w_t[i] = live ? w[(static_cast<int64_t>(8 * p + e) * s.c_in + ci) * taps +
+                          (taps - 1 - (r * kw + q))]
+                      : from_float<T>(0.f);
       }
-      staged_cb = cb;  // made visible to wgmma by the first row's fence and barrier
+      staged_cb = cb;  // made visible to wgmma by the first group's fence and barrier
     }
-    // The first window (ring rows 0..kh-1) and one row ahead; one commit per
-    // ring row, empty or not, keeps the group count uniform.
-    for (int j = 0; j <= kh; ++j) {
-      if (j <= last) {
-        copy_g_row(g, s, planes, staged_w, n, first + j, gw0, ring_addr + j * row_bytes);
-      }
-      cp_async_commit();
-    }
-    int slot0 = 0;  // ring slot of row i's tap row 0: i % ring_rows
-    for (int i = 0; i < rows; ++i) {
-      // Ring rows up to i + kh - 1 have landed for this thread (all but the
-      // newest group); the fence hands them (and the staged W') to the async
-      // proxy; the barrier makes everyone's visible, and every warp has retired
-      // row i - 1's MMAs, so that row's first slot may be refilled.
-      cp_async_wait<1>();
+    for (int j = 0; j < window; ++j) copy_row(j);  // the first group's window
+    cp_async_commit();
+
+    for (int k = 0; k < groups; ++k) {
+      // This group's window has landed for this thread; the fence hands it
+      // (and the staged W') to the async proxy; the barrier makes everyone's
+      // visible, and every warp has retired group k - 1's MMAs, so that
+      // group's first R slots may be refilled with group k + 1's new rows.
+      cp_async_wait<0>();
       fence_proxy_async_shared();
       __syncthreads();
-      const int ahead = i + kh + 1;  // into slot (i - 1) % ring_rows
-      if (ahead <= last) {
-        const int slot = ahead % ring_rows;
-        copy_g_row(g, s, planes, staged_w, n, first + ahead, gw0, ring_addr + slot * row_bytes);
+      if (k + 1 < groups) {
+        for (int jj = 0; jj < R; ++jj) copy_row(R * (k + 1) + kh - 1 + jj);
       }
       cp_async_commit();
 
       wgmma_fence();
 #pragma unroll
-      for (int half = 0; half < HALVES; ++half) {
+      for (int j = 0; j < window; ++j) {
+        // The descriptor of g row j's first core matrix; the others are
+        // constant offsets from it (16-byte units; no carry out of the 14-bit
+        // address field: every address lies inside shared memory).
+        const int slot = (R * k + j) % ring_rows;
+        const uint64_t row_desc = desc_at(ring_addr + slot * row_bytes, plane_bytes, 128);
 #pragma unroll
-        for (int r = 0; r < kh; ++r) {
-          // The descriptor of the tap row's first core matrix; the others are
-          // constant offsets from it (16-byte units; no carry out of the
-          // 14-bit address field: every address lies inside shared memory).
-          const int slot = slot0 + r < ring_rows ? slot0 + r : slot0 + r - ring_rows;
-          const uint64_t row_desc = desc_at(ring_addr + slot * row_bytes, plane_bytes, 128);
+        for (int q = 0; q < kw; ++q) {
 #pragma unroll
-          for (int q = 0; q < kw; ++q) {
-#pragma unroll
-            for (int pp = 0; pp < pairs; ++pp) {
-              const int ks = (r * kw + q) * pairs + pp;
-              const uint32_t offset = half * 64 * kChunkBytes + 2 * pp * plane_bytes +
-                                      q * kChunkBytes;
-              wgmma_16bit_ss_n8<T>(acc[half], row_desc + (offset >> 4), b_desc0 + ks * kBStep,
-                                   ks);
-            }
+          for (int pp = 0; pp < pairs; ++pp) {
+            const int ks = q * pairs + pp;
+            const uint32_t a_off = (2 * pp * plane_bytes + q * kChunkBytes) >> 4;
+            const uint32_t b_off = (ks * blocks + (R + kh - 2 - j)) * (kBlockBytes >> 4);
+            wgmma_16bit_ss_n32<T>(acc, row_desc + a_off, b_desc0 + b_off, j + q + pp);
           }
         }
       }
@@ -261,25 +264,25 @@ __global__ void __launch_bounds__(kThreads)
       wgmma_wait<0>();
       wgmma_fence_accumulators(acc);
 
-      // Lane (g8, t) of warp w holds pixels 16w + g8 (+8) of each half, input
-      // channels 2t, 2t + 1 of the block: a 4-byte store each; a quad covers a
-      // pixel's 8 channels (16 bytes), a warp 8 consecutive pixels.
+      // A 4-byte store per (row, pixel): a quad covers a pixel's 8 channels
+      // (16 bytes), a warp 8 consecutive pixels.
       const int ci = 8 * cb + 2 * t;
       if (ci < s.c_in) {
-        T* out_row = dx + ((n * s.h + ih0 + i) * static_cast<int64_t>(s.w) + iw0) * s.c_in + ci;
 #pragma unroll
-        for (int half = 0; half < HALVES; ++half) {
+        for (int rho = 0; rho < R; ++rho) {
+          const int i = R * k + rho;
+          if (i >= rows) break;
+          T* out_row = dx + ((n * s.h + ih0 + i) * static_cast<int64_t>(s.w) + iw0) * s.c_in + ci;
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int px = half * 64 + 16 * warp + g8 + 8 * e;
+            const int px = 16 * warp + g8 + 8 * e;
             if (iw0 + px < s.w) {
               *reinterpret_cast<uint32_t*>(out_row + static_cast<int64_t>(px) * s.c_in) =
-                  pack_pair<T>(acc[half][2 * e], acc[half][2 * e + 1]);
+                  pack_pair<T>(acc[rho][2 * e], acc[rho][2 * e + 1]);
             }
           }
         }
       }
-      slot0 = slot0 + 1 == ring_rows ? 0 : slot0 + 1;
     }
     // No copy outlives the item, and every warp is past its last MMAs before
     // the next item's copies and weights overwrite what they read.
@@ -292,10 +295,10 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-template <typename T, int KH, int KW, int PAIRS, int HALVES>
+template <typename T, int KH, int KW, int PAIRS>
 void launch_unrolled(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w,
                      at::Tensor& dx) {
-  auto kernel = grad_input_rows16_kernel<T, KH, KW, PAIRS, HALVES>;
+  auto kernel = grad_input_rows16_kernel<T, KH, KW, PAIRS>;
   const size_t smem = smem_bytes(s);
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   const int per_sm =
@@ -312,24 +315,14 @@ void launch_unrolled(const Dgrad16Shape& s, const at::Tensor& g, const at::Tenso
 // 3x3 kernels with C_out = 64 (the reference problem) or 32 run fully
 // unrolled; C_out = 128 and more does not fit the shared memory budget.
 // Everything else takes the kernel with runtime loops.
-template <typename T, int HALVES>
-void launch_halves(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w,
-                   at::Tensor& dx) {
-  if (s.kh == 3 && s.kw == 3 && s.planes == 8) {
-    launch_unrolled<T, 3, 3, 4, HALVES>(s, g, w, dx);
-  } else if (s.kh == 3 && s.kw == 3 && s.planes == 4) {
-    launch_unrolled<T, 3, 3, 2, HALVES>(s, g, w, dx);
-  } else {
-    launch_unrolled<T, 0, 0, 0, HALVES>(s, g, w, dx);
-  }
-}
-
 template <typename T>
 void launch(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w, at::Tensor& dx) {
-  if (s.halves == 1) {
-    launch_halves<T, 1>(s, g, w, dx);
+  if (s.kh == 3 && s.kw == 3 && s.planes == 8) {
+    launch_unrolled<T, 3, 3, 4>(s, g, w, dx);
+  } else if (s.kh == 3 && s.kw == 3 && s.planes == 4) {
+    launch_unrolled<T, 3, 3, 2>(s, g, w, dx);
   } else {
-    launch_halves<T, 2>(s, g, w, dx);
+    launch_unrolled<T, 0, 0, 0>(s, g, w, dx);
   }
 }
 
@@ -367,7 +360,7 @@ bool grad_input_rows16_supports(const at::Tensor& grad_conv_out, const at::Tenso
   }
   const int device = input.get_device();
   if (compute_capability_major(device) != 9) return false;
-  const size_t bytes = smem_bytes(make_dgrad16_shape(grad_conv_out, input, weight, padding, dgrad16_halves()));
+  const size_t bytes = smem_bytes(make_dgrad16_shape(grad_conv_out, input, weight, padding));
   return bytes <= kMaxSmem && bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
 #endif
 }
@@ -378,7 +371,7 @@ at::Tensor grad_input_rows16(const at::Tensor& grad_conv_out, const at::Tensor& 
   const int64_t unit[2] = {1, 1};
   TORCH_CHECK(grad_input_rows16_supports(grad_conv_out, input, weight, unit, padding, unit, 1),
               "fused_conv: grad_input outside the 16-bit row kernel's reach");
-  const Dgrad16Shape s = make_dgrad16_shape(grad_conv_out, input, weight, padding, dgrad16_halves());
+  const Dgrad16Shape s = make_dgrad16_shape(grad_conv_out, input, weight, padding);
   const at::Tensor w = weight.contiguous();
   at::Tensor dx =
       at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));

@@ -101,29 +101,37 @@ __device__ __forceinline__ void wgmma_16bit_ss_n128(float (&d)[16][4], uint64_t 
 #undef FUSED_CONV_D128_OPERANDS
 #undef FUSED_CONV_D128_LIST
 
-// D(64 x 8) = A(64 x 16) * B(16 x 8) + (accumulate ? D : 0), both K-major in
-// shared memory; d = {D[16w+g][2t], D[16w+g][2t+1], D[16w+g+8][2t],
-// D[16w+g+8][2t+1]} for lane (g, t) of warp w.
+// D(64 x 32) = A(64 x 16) * B(16 x 32) + (accumulate ? D : 0), both K-major
+// in shared memory; d[j] = {D[16w+g][8j+2t], D[16w+g][8j+2t+1],
+// D[16w+g+8][8j+2t], D[16w+g+8][8j+2t+1]} for lane (g, t) of warp w.
+#define FUSED_CONV_D32_OPERANDS(d)                                                    \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),          \
+      "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),      \
+      "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),      \
+      "+f"(d[3][3])
+#define FUSED_CONV_D32_LIST "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 template <typename T>
-__device__ __forceinline__ void wgmma_16bit_ss_n8(float (&d)[4], uint64_t a_desc,
-                                                  uint64_t b_desc, int accumulate) {
+__device__ __forceinline__ void wgmma_16bit_ss_n32(float (&d)[4][4], uint64_t a_desc,
+                                                   uint64_t b_desc, int accumulate) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, "
-        "0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " FUSED_CONV_D32_LIST
+        ", %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : FUSED_CONV_D32_OPERANDS(d)
         : "l"(a_desc), "l"(b_desc), "r"(accumulate));
   } else {
     static_assert(std::is_same_v<T, __half>, "float16 or bfloat16 operands");
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, "
-        "0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " FUSED_CONV_D32_LIST
+        ", %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : FUSED_CONV_D32_OPERANDS(d)
         : "l"(a_desc), "l"(b_desc), "r"(accumulate));
   }
 }
+#undef FUSED_CONV_D32_OPERANDS
+#undef FUSED_CONV_D32_LIST
 
 // D(16 x 8) += A(16 x 16) * B(16 x 8) on one warp (mma.sync, float32
 // accumulation): a = {A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]},
