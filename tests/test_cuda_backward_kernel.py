@@ -196,7 +196,7 @@ def test_sanitize_rows16_backward_matches_reference(shape, training, dtype):
 DGRAD16_SHAPES = [
     # grad_input on the 16-bit Hopper row kernel (grad_input_rows16.cu): float16 / bfloat16
     # channels_last, stride and dilation 1, padding <= k - 1, C_in % 8, C_out % 16, W >= 64
-    (2, 8, 9, 130, 64, 3, 1, 0, 1),  # the reference problem's rows; a 2-pixel third tile, a 1-row group
+    (2, 8, 9, 130, 64, 3, 1, 0, 1),  # reference rows; a 2-pixel third tile, a 1-row group
     (2, 16, 7, 90, 32, 3, 1, 1, 1),  # two 8-channel blocks, padding 1
     (1, 8, 40, 70, 16, 4, 1, 2, 1),  # 4x4, two row segments (the second 8 rows), one pair
     (1, 24, 6, 67, 48, 1, 1, 0, 1),  # 1x1, three channel blocks, three chunk pairs
