@@ -92,6 +92,9 @@ def _train_setup_context(ctx, inputs, output):
      stride, padding, dilation, groups) = inputs  # fmt: skip
     _, mean, invstd = output
     ctx.mark_non_differentiable(mean, invstd)
+    # No zero tensors for the statistics' gradients (always unused) or an
+    # unused output: the backward checks for None instead.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, weight, bias, bn_weight, bn_bias, scale_tensor, mean, invstd)
     ctx.scale, ctx.groups = scale, groups
     ctx.stride, ctx.padding, ctx.dilation = list(stride), list(padding), list(dilation)

@@ -33,7 +33,8 @@
 //           the 16-bit row kernel (grad_input_rows16.cu), else cuDNN's
 //           convolution backward (data).
 //
-// The per-channel gradients (bias, gamma, beta, scale) come from the sums.
+// The per-channel gradients (bias, gamma, beta, scale) come from the sums, in
+// one launch (bn_param_grads.h).
 #include "kernels/cuda/conv_bn_backward.h"
 
 #include <ATen/ATen.h>
@@ -41,9 +42,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "kernels/common/bn_fold.h"
 #include "kernels/common/conv_bn_checks.h"
 #include "kernels/common/conv_call.h"
+#include "kernels/cuda/bn_param_grads.h"
 #include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/conv_rows16.h"
 #include "kernels/cuda/grad_coefficients.cuh"
@@ -84,10 +85,12 @@ __global__ void finalize_grad_kernel(const float* __restrict__ partials, int gri
 }
 
 // grad_weight[co][ci][r] = sum over the blocks (in order, float64) of the kGradOutW
-// partials [c_blocks][grid_x][bn][k8] at GEMM column k = r*c_in + ci.
+// partials [c_blocks][grid_x][bn][k8] at GEMM column k = r*c_in + ci, rounded
+// once to the weight's dtype.
+template <typename T>
 __global__ void reduce_weight_grad_kernel(const float* __restrict__ partials, int grid_x, int bn,
                                           int k8, int c_out, int c_in, int taps,
-                                          float* __restrict__ grad_weight) {
+                                          T* __restrict__ grad_weight) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t k_total = static_cast<int64_t>(c_in) * taps;
   if (i >= c_out * k_total) return;
@@ -98,7 +101,8 @@ __global__ void reduce_weight_grad_kernel(const float* __restrict__ partials, in
   const float* p = partials + (static_cast<int64_t>(cb) * grid_x * bn + cl) * k8 + r * c_in + ci;
   double sum = 0;
   for (int b = 0; b < grid_x; ++b) sum += p[static_cast<int64_t>(b) * bn * k8];
-  grad_weight[i] = static_cast<float>(sum);
+  // Through float: c10::Half / c10::BFloat16 convert from float only.
+  grad_weight[i] = static_cast<T>(static_cast<float>(sum));
 }
 
 at::Tensor per_out_channel_view(const at::Tensor& t) { return t.view({-1, 1, 1, 1}); }
@@ -107,15 +111,20 @@ at::Tensor per_out_channel_view(const at::Tensor& t) { return t.view({-1, 1, 1, 
 // [c_blocks][grid_x][bn][k8] (reduce_weight_grad_kernel's layout).
 at::Tensor reduce_weight_grad(const at::Tensor& partials, int grid_x, int bn, int k8,
                               const ConvShape& s, const at::Tensor& weight) {
-  at::Tensor grad_weight_f = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
-  const int64_t elements = grad_weight_f.numel();
+  // Contiguous, as the op's fake kernel (fused_conv/_meta.py) declares it.
+  at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
+  const int64_t elements = grad_weight.numel();
   constexpr int kBlock = 256;
-  reduce_weight_grad_kernel<<<static_cast<unsigned>((elements + kBlock - 1) / kBlock), kBlock, 0,
-                              c10::cuda::getCurrentCUDAStream()>>>(
-      partials.const_data_ptr<float>(), grid_x, bn, k8, s.c_out, s.c_in, s.kh * s.kw,
-      grad_weight_f.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad_weight_f.to(weight.scalar_type());
+  const auto blocks = static_cast<unsigned>((elements + kBlock - 1) / kBlock);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "reduce_weight_grad", [&] {
+        reduce_weight_grad_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
+            partials.const_data_ptr<float>(), grid_x, bn, k8, s.c_out, s.c_in, s.kh * s.kw,
+            grad_weight.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return grad_weight;
 }
 
 }  // namespace
@@ -138,16 +147,13 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
   const at::Tensor x = input.contiguous(format);
   const at::Tensor w = weight.contiguous();
   const at::Tensor grad = grad_out.contiguous(format);
-  const auto device = input.device();
 
   const at::Tensor invstd_f = invstd.to(at::kFloat).contiguous();
-  const at::Tensor mean_f = mean.to(at::kFloat);
-  const at::Tensor center =
-      (bias.has_value() && bias->defined() ? mean_f - bias->to(at::kFloat) : mean_f).contiguous();
-  const at::Tensor sc = effective_scale(scale_tensor, scale, at::kFloat, device);
-  const at::Tensor gamma = bn_weight_or_ones(bn_weight, s.c_out, at::kFloat, device);
-  const at::Tensor beta = bn_bias_or_zeros(bn_bias, s.c_out, at::kFloat, device);
-  const at::Tensor k = (gamma * invstd_f * sc).contiguous();
+  // ctr = mean - bias and k = s * gamma * invstd in one launch (bn_param_grads.h).
+  const ChannelCoefs coefs = backward_channel_coefs(mean.to(at::kFloat).contiguous(), invstd_f,
+                                                    bias, bn_weight, scale_tensor, scale);
+  const at::Tensor& center = coefs.center;
+  const at::Tensor& k = coefs.k;
   const int64_t count = s.n * static_cast<int64_t>(s.h_out) * s.w_out;
 
   // The sums and the coefficients of g_hat: from the patch moments
@@ -184,8 +190,6 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
         rows.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const at::Tensor sum_g = rows[kSumG];
-  const at::Tensor sum_g_xhat = rows[kSumGXhat];
 
   // grad_input / grad_weight. conv_grads: the gradients of the convolution given
   // the gradient g at its output (with the weight w_eff) for the mask's entries.
@@ -252,7 +256,9 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
         const auto [w_partials, grid_x] = conv_rows16_grad_out_w(s, x, w, terms, g_hat);
         grad_weight = reduce_weight_grad(w_partials, grid_x, kRowsChannels,
                                          s.kh * s.kw * s.c_in, s, weight);
-        if (input_weight_mask[0]) grad_input = conv_grads(g_hat, weight, {true, false}).first;
+        // w: the contiguous copy already made (saves a second copy of a
+        // channels_last weight); the data gradient does not depend on layout.
+        if (input_weight_mask[0]) grad_input = conv_grads(g_hat, w, {true, false}).first;
       } else {
         if (rows16) {
           conv_rows16_grad_out(s, x, w, terms, g_hat);
@@ -276,9 +282,9 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
       }
     }
   }
-  const at::Tensor grad_bias = training ? at::zeros_like(sum_g) : k * sum_g;
-  const at::Tensor grad_scale = (gamma * sum_g_xhat + beta * sum_g).sum();
-  return {grad_input, grad_weight, grad_bias, sc * sum_g_xhat, sc * sum_g, grad_scale};
+  const auto [grad_bias, grad_bn_weight, grad_bn_bias, grad_scale] =
+      bn_param_grads(rows, coefs, bn_weight, bn_bias, training);
+  return {grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, grad_scale};
 }
 
 }  // namespace fused_conv::cuda
