@@ -16,8 +16,8 @@
 #include "kernels/cuda/conv_bn_forward.h"
 #include "kernels/cuda/grad_input_rows16.h"
 #include "kernels/cuda/grad_input_taps.h"
-#include "kernels/cuda/grad_moments.h"
 #include "kernels/cuda/grad_input_tile.h"
+#include "kernels/cuda/grad_moments.h"
 #endif
 
 #include <string>

@@ -48,10 +48,8 @@ FoldedConv fold_into_conv(const at::Tensor& weight, const std::optional<at::Tens
   const auto stats_dtype = mean.scalar_type();
   const auto dtype = weight.scalar_type();
   FoldedConv folded;
-  folded.weight = weight.to(stats_dtype)
-                      .mul(affine.a.view({-1, 1, 1, 1}))
-                      .to(dtype)
-                      .contiguous(memory_format);
+  folded.weight =
+      weight.to(stats_dtype).mul(affine.a.view({-1, 1, 1, 1})).to(dtype).contiguous(memory_format);
   const at::Tensor centred =
       (bias.has_value() && bias->defined()) ? bias->to(stats_dtype).sub(mean) : mean.neg();
   folded.bias = at::addcmul(affine.scaled_beta, affine.a, centred).to(dtype);

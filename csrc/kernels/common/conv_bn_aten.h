@@ -35,8 +35,8 @@ at::Tensor conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    double eps, const std::optional<at::Tensor>& scale_tensor, double scale,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+    double eps, const std::optional<at::Tensor>& scale_tensor, double scale, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 // nn.BatchNorm2d's running-statistics update, in place (C_out-sized work).
 void update_running_stats_(const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -46,13 +46,12 @@ void update_running_stats_(const at::Tensor& running_mean, const at::Tensor& run
 
 // Returns (grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias,
 // grad_scale); see the schema's comment for which are empty.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
-                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
-                 const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean,
-                 const at::Tensor& invstd, const std::optional<at::Tensor>& scale_tensor,
-                 double scale, at::IntArrayRef stride, at::IntArrayRef padding,
-                 at::IntArrayRef dilation, int64_t groups, bool training,
-                 std::array<bool, 2> input_weight_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& scale_tensor, double scale, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
+    std::array<bool, 2> input_weight_mask);
 
 }  // namespace fused_conv::aten_impl

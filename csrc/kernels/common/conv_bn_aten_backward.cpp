@@ -33,14 +33,13 @@ at::Tensor per_channel_sum(const at::Tensor& t) { return t.sum({0, 2, 3}); }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
-                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
-                 const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean,
-                 const at::Tensor& invstd, const std::optional<at::Tensor>& scale_tensor,
-                 double scale, at::IntArrayRef stride, at::IntArrayRef padding,
-                 at::IntArrayRef dilation, int64_t groups, bool training,
-                 std::array<bool, 2> input_weight_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& scale_tensor, double scale, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
+    std::array<bool, 2> input_weight_mask) {
   const ConvParams conv{stride, padding, dilation, groups};
   const ConvBnGeometry g = check_backward_args(grad_out, input, weight, bias, bn_weight, bn_bias,
                                                mean, invstd, scale_tensor, conv);

@@ -62,8 +62,8 @@ void check_per_channel(const at::Tensor& reference, const at::Tensor& t, const c
 
 // The conv's own parameters share the input's dtype (as at::convolution demands).
 void check_input_dtype(const at::Tensor& input, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fused_conv: expected ", name,
-              " of dtype ", dtype_name(input.scalar_type()), " (the input's), but got ",
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fused_conv: expected ", name, " of dtype ",
+              dtype_name(input.scalar_type()), " (the input's), but got ",
               dtype_name(t.scalar_type()));
 }
 
@@ -79,8 +79,8 @@ void check_bn_dtype(const at::Tensor& input, const at::Tensor& t, const char* na
               ", but got ", dtype_name(t.scalar_type()));
 }
 
-void check_bn_param(const at::Tensor& input, const std::optional<at::Tensor>& t,
-                    const char* name, int64_t channels) {
+void check_bn_param(const at::Tensor& input, const std::optional<at::Tensor>& t, const char* name,
+                    int64_t channels) {
   if (!present(t)) return;
   check_per_channel(input, *t, name, channels);
   check_bn_dtype(input, *t, name);
@@ -134,8 +134,9 @@ ConvBnGeometry check_common_args(const at::Tensor& input, const at::Tensor& weig
               "weight.size(1) * groups = ", weight.size(1), " * ", conv.groups, " = ",
               weight.size(1) * conv.groups, " channels, but got ", g.in_channels,
               " channels (input shape ", input.sizes(), ", weight shape ", weight.sizes(), ")");
-  TORCH_CHECK(g.out_channels % conv.groups == 0, "fused_conv: expected C_out (weight.size(0) = ",
-              g.out_channels, ") to be divisible by groups = ", conv.groups);
+  TORCH_CHECK(g.out_channels % conv.groups == 0,
+              "fused_conv: expected C_out (weight.size(0) = ", g.out_channels,
+              ") to be divisible by groups = ", conv.groups);
 
   if (present(bias)) {
     check_per_channel(input, *bias, "bias", g.out_channels);
@@ -157,8 +158,8 @@ ConvBnGeometry check_common_args(const at::Tensor& input, const at::Tensor& weig
   }
   TORCH_CHECK(padded[0] >= dilated_kernel[0] && padded[1] >= dilated_kernel[1],
               "fused_conv: calculated padded input size per channel: (", padded[0], " x ",
-              padded[1], "). Kernel size (dilated): (", dilated_kernel[0], " x ",
-              dilated_kernel[1], "). Kernel size can't be greater than actual input size");
+              padded[1], "). Kernel size (dilated): (", dilated_kernel[0], " x ", dilated_kernel[1],
+              "). Kernel size can't be greater than actual input size");
   g.out_height = out_size[0];
   g.out_width = out_size[1];
   g.count = g.batch * g.out_height * g.out_width;
@@ -194,8 +195,8 @@ ConvBnGeometry check_eval_args(const at::Tensor& input, const at::Tensor& weight
                                const ConvParams& conv) {
   auto g = check_common_args(input, weight, bias, bn_weight, bn_bias, scale_tensor, conv);
   check_eps(eps);
-  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"},
-                                std::pair{&running_var, "running_var"}}) {
+  for (const auto& [t, name] :
+       {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}}) {
     TORCH_CHECK(t->defined(), "fused_conv: expected a defined ", name, " tensor");
     check_per_channel(input, *t, name, g.out_channels);
     check_bn_dtype(input, *t, name);
@@ -220,8 +221,8 @@ ConvBnGeometry check_train_args(const at::Tensor& input, const at::Tensor& weigh
 ConvBnGeometry check_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                    const std::optional<at::Tensor>& bn_weight,
-                                   const std::optional<at::Tensor>& bn_bias,
-                                   const at::Tensor& mean, const at::Tensor& invstd,
+                                   const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean,
+                                   const at::Tensor& invstd,
                                    const std::optional<at::Tensor>& scale_tensor,
                                    const ConvParams& conv) {
   auto g = check_common_args(input, weight, bias, bn_weight, bn_bias, scale_tensor, conv);
@@ -238,13 +239,11 @@ ConvBnGeometry check_backward_args(const at::Tensor& grad_out, const at::Tensor&
   return g;
 }
 
-void check_update_running_stats_args(const at::Tensor& running_mean,
-                                     const at::Tensor& running_var, const at::Tensor& mean,
-                                     const at::Tensor& invstd,
+void check_update_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                     const at::Tensor& mean, const at::Tensor& invstd,
                                      const std::optional<at::Tensor>& num_batches_tracked,
                                      std::optional<double> momentum, double eps, int64_t count) {
-  TORCH_CHECK(mean.defined() && invstd.defined() && running_mean.defined() &&
-                  running_var.defined(),
+  TORCH_CHECK(mean.defined() && invstd.defined() && running_mean.defined() && running_var.defined(),
               "fused_conv: expected defined running_mean, running_var, mean and invstd tensors");
   TORCH_CHECK(mean.dim() == 1, "fused_conv: expected mean to be a 1-D tensor, but got shape ",
               mean.sizes());
@@ -260,8 +259,8 @@ void check_update_running_stats_args(const at::Tensor& running_mean,
         std::pair{&running_var, "running_var"}}) {
     check_per_channel(mean, *t, name, channels, "mean");
   }
-  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"},
-                                std::pair{&running_var, "running_var"}}) {
+  for (const auto& [t, name] :
+       {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}}) {
     TORCH_CHECK(is_supported_float(t->scalar_type()), "fused_conv: expected ", name,
                 " of dtype float32, float64, float16 or bfloat16, but got ",
                 dtype_name(t->scalar_type()));

@@ -69,16 +69,15 @@ ConvBnGeometry check_train_args(const at::Tensor& input, const at::Tensor& weigh
 ConvBnGeometry check_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                    const std::optional<at::Tensor>& bn_weight,
-                                   const std::optional<at::Tensor>& bn_bias,
-                                   const at::Tensor& mean, const at::Tensor& invstd,
+                                   const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean,
+                                   const at::Tensor& invstd,
                                    const std::optional<at::Tensor>& scale_tensor,
                                    const ConvParams& conv);
 
 // update_running_stats_: buffers and statistics 1-D of one length on one
 // device, a factor source (momentum or num_batches_tracked), count 0 or > 1.
-void check_update_running_stats_args(const at::Tensor& running_mean,
-                                     const at::Tensor& running_var, const at::Tensor& mean,
-                                     const at::Tensor& invstd,
+void check_update_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                     const at::Tensor& mean, const at::Tensor& invstd,
                                      const std::optional<at::Tensor>& num_batches_tracked,
                                      std::optional<double> momentum, double eps, int64_t count);
 

@@ -12,9 +12,9 @@ constexpr std::array<int64_t, 2> kNoOutputPadding{0, 0};
 at::Tensor conv_forward(const at::Tensor& input, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, const ConvParams& conv,
                         at::MemoryFormat memory_format) {
-  const at::Tensor out = at::convolution(input, weight.contiguous(memory_format), bias, conv.stride,
-                                         conv.padding, conv.dilation, /*transposed=*/false,
-                                         kNoOutputPadding, conv.groups);
+  const at::Tensor out =
+      at::convolution(input, weight.contiguous(memory_format), bias, conv.stride, conv.padding,
+                      conv.dilation, /*transposed=*/false, kNoOutputPadding, conv.groups);
   // A no-op unless a backend chose another layout (e.g. one without
   // channels_last support).
   return out.contiguous(memory_format);

@@ -26,8 +26,8 @@ struct AffineMap {
 
 template <typename T>
 void apply_channel_affine_(T* data, const DenseChannels& d, const ChannelAffine<T>& affine) {
-  for_each_channel_run(d, AffineMap<T>{data, d.channels, affine.shift.data(), affine.mul.data(),
-                                       affine.add.data()});
+  for_each_channel_run(
+      d, AffineMap<T>{data, d.channels, affine.shift.data(), affine.mul.data(), affine.add.data()});
 }
 
 template void apply_channel_affine_<float>(float*, const DenseChannels&,

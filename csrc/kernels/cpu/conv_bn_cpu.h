@@ -17,16 +17,15 @@ namespace fused_conv::cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    double eps, const std::optional<at::Tensor>& scale_tensor, double scale,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+    double eps, const std::optional<at::Tensor>& scale_tensor, double scale, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
-                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
-                 const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean,
-                 const at::Tensor& invstd, const std::optional<at::Tensor>& scale_tensor,
-                 double scale, at::IntArrayRef stride, at::IntArrayRef padding,
-                 at::IntArrayRef dilation, int64_t groups, bool training,
-                 std::array<bool, 2> input_weight_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& scale_tensor, double scale, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
+    std::array<bool, 2> input_weight_mask);
 
 }  // namespace fused_conv::cpu

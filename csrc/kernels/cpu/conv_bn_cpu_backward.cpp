@@ -21,14 +21,13 @@
 
 namespace fused_conv::cpu {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
-                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
-                 const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean,
-                 const at::Tensor& invstd, const std::optional<at::Tensor>& scale_tensor,
-                 double scale, at::IntArrayRef stride, at::IntArrayRef padding,
-                 at::IntArrayRef dilation, int64_t groups, bool training,
-                 std::array<bool, 2> input_weight_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& scale_tensor, double scale, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
+    std::array<bool, 2> input_weight_mask) {
   const ConvParams conv{stride, padding, dilation, groups};
   const ConvBnGeometry g = check_backward_args(grad_out, input, weight, bias, bn_weight, bn_bias,
                                                mean, invstd, scale_tensor, conv);
@@ -79,11 +78,9 @@ conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::
 
   if (input_weight_mask[0] || input_weight_mask[1]) {  // g_hat only feeds the conv backward
     AT_DISPATCH_FLOATING_TYPES(dtype, "fused_conv_cpu_conv_bn_backward", [&] {
-      const GradConvOutCoefficients<scalar_t> coef{cast_to<scalar_t>(mean_h),
-                                                   cast_to<scalar_t>(k), cast_to<scalar_t>(q),
-                                                   cast_to<scalar_t>(r)};
-      form_grad_conv_out_(y.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), d,
-                          coef);
+      const GradConvOutCoefficients<scalar_t> coef{cast_to<scalar_t>(mean_h), cast_to<scalar_t>(k),
+                                                   cast_to<scalar_t>(q), cast_to<scalar_t>(r)};
+      form_grad_conv_out_(y.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), d, coef);
     });
   }
   auto [grad_input, grad_weight] =

@@ -19,8 +19,8 @@ namespace fused_conv::cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    double eps, const std::optional<at::Tensor>& scale_tensor, double scale,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    double eps, const std::optional<at::Tensor>& scale_tensor, double scale, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvParams conv{stride, padding, dilation, groups};
   const ConvBnGeometry g =
       check_train_args(input, weight, bias, bn_weight, bn_bias, eps, scale_tensor, conv);

@@ -35,9 +35,8 @@ inline DenseChannels dense_channels_of(const at::Tensor& t) {
   d.plane = t.size(2) * t.size(3);
   const bool nchw = t.is_contiguous();
   const bool nhwc = t.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_INTERNAL_ASSERT(nchw || nhwc,
-                        "fused_conv: expected a dense NCHW or NHWC tensor, got strides ",
-                        t.strides());
+  TORCH_INTERNAL_ASSERT(
+      nchw || nhwc, "fused_conv: expected a dense NCHW or NHWC tensor, got strides ", t.strides());
   d.channels_last = !nchw || (nhwc && d.plane == 1);
   return d;
 }

@@ -30,8 +30,8 @@ struct GradConvOutMap {
   const GradConvOutCoefficients<T>* coef;
 
   void run(int64_t c, int64_t offset, int64_t length) const {
-    simd::grad_conv_out_run(y + offset, g + offset, length, coef->mean[c], coef->k[c],
-                            coef->q[c], coef->r[c]);
+    simd::grad_conv_out_run(y + offset, g + offset, length, coef->mean[c], coef->k[c], coef->q[c],
+                            coef->r[c]);
   }
   void rows(int64_t offset, int64_t n_rows) const {
     simd::grad_conv_out_rows(y + offset, g + offset, n_rows, channels, coef->mean.data(),

@@ -10,15 +10,14 @@ namespace fused_conv::cpu {
 
 // Per-channel sums, in double, deterministic (see per_channel_sums.h).
 struct GradSums {
-  std::vector<double> g;             // sum(g)
-  std::vector<double> g_centred;     // sum(g * (y - mean))   = sum(g * x_hat) / invstd
-  std::vector<double> centred;       // sum(y - mean)         = sum(x_hat) / invstd
+  std::vector<double> g;          // sum(g)
+  std::vector<double> g_centred;  // sum(g * (y - mean))   = sum(g * x_hat) / invstd
+  std::vector<double> centred;    // sum(y - mean)         = sum(x_hat) / invstd
 };
 
 // One fused pass computing the three sums. T is float or double.
 template <typename T>
-GradSums grad_sums(const T* y, const T* g, const DenseChannels& d,
-                   const std::vector<double>& mean);
+GradSums grad_sums(const T* y, const T* g, const DenseChannels& d, const std::vector<double>& mean);
 
 // Per-channel coefficients of g_hat = k * g + q * (y - mean) + r, in the data type.
 template <typename T>

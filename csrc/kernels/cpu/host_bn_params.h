@@ -9,9 +9,9 @@
 namespace fused_conv::cpu {
 
 struct HostBnParams {
-  double scale = 1.0;          // s = scale * scale_tensor (or scale)
-  std::vector<double> gamma;   // ones when absent
-  std::vector<double> beta;    // zeros when absent
+  double scale = 1.0;         // s = scale * scale_tensor (or scale)
+  std::vector<double> gamma;  // ones when absent
+  std::vector<double> beta;   // zeros when absent
 };
 
 HostBnParams host_bn_params(const std::optional<at::Tensor>& bn_weight,

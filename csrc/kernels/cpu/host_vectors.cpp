@@ -7,8 +7,7 @@
 namespace fused_conv::cpu {
 
 std::vector<double> to_host_doubles(const at::Tensor& t) {
-  TORCH_INTERNAL_ASSERT(t.device().is_cpu(), "fused_conv: expected a CPU tensor, got ",
-                        t.device());
+  TORCH_INTERNAL_ASSERT(t.device().is_cpu(), "fused_conv: expected a CPU tensor, got ", t.device());
   const at::Tensor dense = t.to(at::kDouble).contiguous();
   const double* p = dense.const_data_ptr<double>();
   return std::vector<double>(p, p + dense.numel());

@@ -34,9 +34,8 @@ void for_each_channel_run(const DenseChannels& d, const Map& map) {
     return;
   }
   const int64_t min_rows = std::max<int64_t>(1, kMinElementsPerTask / d.channels);
-  at::parallel_for(0, d.rows(), min_rows, [&](int64_t begin, int64_t end) {
-    map.rows(begin * d.channels, end - begin);
-  });
+  at::parallel_for(0, d.rows(), min_rows,
+                   [&](int64_t begin, int64_t end) { map.rows(begin * d.channels, end - begin); });
 }
 
 }  // namespace fused_conv::cpu

@@ -191,15 +191,14 @@ FUSED_CONV_ALWAYS_INLINE void grad_sums_rows_impl(const T* FUSED_CONV_RESTRICT y
 }
 
 template <typename T>
-FUSED_CONV_ALWAYS_INLINE void affine_run_impl(T* FUSED_CONV_RESTRICT p, int64_t n, T shift,
-                                              T mul, T add) {
+FUSED_CONV_ALWAYS_INLINE void affine_run_impl(T* FUSED_CONV_RESTRICT p, int64_t n, T shift, T mul,
+                                              T add) {
   for (int64_t i = 0; i < n; ++i) p[i] = (p[i] - shift) * mul + add;
 }
 
 template <typename T>
 FUSED_CONV_ALWAYS_INLINE void affine_rows_impl(T* FUSED_CONV_RESTRICT p, int64_t rows,
-                                               int64_t channels,
-                                               const T* FUSED_CONV_RESTRICT shift,
+                                               int64_t channels, const T* FUSED_CONV_RESTRICT shift,
                                                const T* FUSED_CONV_RESTRICT mul,
                                                const T* FUSED_CONV_RESTRICT add) {
   for (int64_t r = 0; r < rows; ++r, p += channels) {
@@ -230,44 +229,41 @@ FUSED_CONV_ALWAYS_INLINE void grad_conv_out_rows_impl(
 
 #define FUSED_CONV_FOR_FLOAT_TYPES(DEFINE) DEFINE(float) DEFINE(double)
 
-#define FUSED_CONV_DEFINE_LOOPS(T)                                                            \
-  FUSED_CONV_ISA_CLONES double sum_run(const T* p, int64_t n) { return sum_run_impl(p, n); } \
-  FUSED_CONV_ISA_CLONES double squared_deviation_run(const T* p, int64_t n, double mean) {   \
-    return squared_deviation_run_impl(p, n, mean);                                           \
-  }                                                                                           \
-  FUSED_CONV_ISA_CLONES void grad_sums_run(const T* y, const T* g, int64_t n, double mean,   \
-                                           double* acc) {                                     \
-    grad_sums_run_impl(y, g, n, mean, acc);                                                   \
-  }                                                                                           \
-  FUSED_CONV_ISA_CLONES void sum_rows(const T* p, int64_t rows, int64_t channels,            \
-                                      double* acc) {                                          \
-    sum_rows_impl(p, rows, channels, acc);                                                    \
-  }                                                                                           \
-  FUSED_CONV_ISA_CLONES void squared_deviation_rows(const T* p, int64_t rows,                \
-                                                    int64_t channels, const double* mean,     \
-                                                    double* acc) {                            \
-    squared_deviation_rows_impl(p, rows, channels, mean, acc);                                \
-  }                                                                                           \
-  FUSED_CONV_ISA_CLONES void grad_sums_rows(const T* y, const T* g, int64_t rows,            \
-                                            int64_t channels, const double* mean,             \
-                                            double* acc) {                                    \
-    grad_sums_rows_impl(y, g, rows, channels, mean, acc);                                     \
-  }                                                                                           \
-  FUSED_CONV_ISA_CLONES void affine_run(T* p, int64_t n, T shift, T mul, T add) {            \
-    affine_run_impl(p, n, shift, mul, add);                                                   \
-  }                                                                                           \
-  FUSED_CONV_ISA_CLONES void affine_rows(T* p, int64_t rows, int64_t channels,               \
-                                         const T* shift, const T* mul, const T* add) {        \
-    affine_rows_impl(p, rows, channels, shift, mul, add);                                     \
-  }                                                                                           \
-  FUSED_CONV_ISA_CLONES void grad_conv_out_run(T* y, const T* g, int64_t n, T mean, T k, T q, \
-                                               T r) {                                         \
-    grad_conv_out_run_impl(y, g, n, mean, k, q, r);                                           \
-  }                                                                                           \
-  FUSED_CONV_ISA_CLONES void grad_conv_out_rows(T* y, const T* g, int64_t rows,              \
-                                                int64_t channels, const T* mean, const T* k,  \
-                                                const T* q, const T* r) {                     \
-    grad_conv_out_rows_impl(y, g, rows, channels, mean, k, q, r);                             \
+#define FUSED_CONV_DEFINE_LOOPS(T)                                                                \
+  FUSED_CONV_ISA_CLONES double sum_run(const T* p, int64_t n) { return sum_run_impl(p, n); }      \
+  FUSED_CONV_ISA_CLONES double squared_deviation_run(const T* p, int64_t n, double mean) {        \
+    return squared_deviation_run_impl(p, n, mean);                                                \
+  }                                                                                               \
+  FUSED_CONV_ISA_CLONES void grad_sums_run(const T* y, const T* g, int64_t n, double mean,        \
+                                           double* acc) {                                         \
+    grad_sums_run_impl(y, g, n, mean, acc);                                                       \
+  }                                                                                               \
+  FUSED_CONV_ISA_CLONES void sum_rows(const T* p, int64_t rows, int64_t channels, double* acc) {  \
+    sum_rows_impl(p, rows, channels, acc);                                                        \
+  }                                                                                               \
+  FUSED_CONV_ISA_CLONES void squared_deviation_rows(const T* p, int64_t rows, int64_t channels,   \
+                                                    const double* mean, double* acc) {            \
+    squared_deviation_rows_impl(p, rows, channels, mean, acc);                                    \
+  }                                                                                               \
+  FUSED_CONV_ISA_CLONES void grad_sums_rows(const T* y, const T* g, int64_t rows,                 \
+                                            int64_t channels, const double* mean, double* acc) {  \
+    grad_sums_rows_impl(y, g, rows, channels, mean, acc);                                         \
+  }                                                                                               \
+  FUSED_CONV_ISA_CLONES void affine_run(T* p, int64_t n, T shift, T mul, T add) {                 \
+    affine_run_impl(p, n, shift, mul, add);                                                       \
+  }                                                                                               \
+  FUSED_CONV_ISA_CLONES void affine_rows(T* p, int64_t rows, int64_t channels, const T* shift,    \
+                                         const T* mul, const T* add) {                            \
+    affine_rows_impl(p, rows, channels, shift, mul, add);                                         \
+  }                                                                                               \
+  FUSED_CONV_ISA_CLONES void grad_conv_out_run(T* y, const T* g, int64_t n, T mean, T k, T q,     \
+                                               T r) {                                             \
+    grad_conv_out_run_impl(y, g, n, mean, k, q, r);                                               \
+  }                                                                                               \
+  FUSED_CONV_ISA_CLONES void grad_conv_out_rows(T* y, const T* g, int64_t rows, int64_t channels, \
+                                                const T* mean, const T* k, const T* q,            \
+                                                const T* r) {                                     \
+    grad_conv_out_rows_impl(y, g, rows, channels, mean, k, q, r);                                 \
   }
 
 FUSED_CONV_FOR_FLOAT_TYPES(FUSED_CONV_DEFINE_LOOPS)

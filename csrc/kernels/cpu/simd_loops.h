@@ -46,15 +46,14 @@ void affine_run(float* p, int64_t n, float shift, float mul, float add);
 void affine_run(double* p, int64_t n, double shift, double mul, double add);
 void affine_rows(float* p, int64_t rows, int64_t channels, const float* shift, const float* mul,
                  const float* add);
-void affine_rows(double* p, int64_t rows, int64_t channels, const double* shift,
-                 const double* mul, const double* add);
+void affine_rows(double* p, int64_t rows, int64_t channels, const double* shift, const double* mul,
+                 const double* add);
 // y = k * g + q * (y - mean) + r
-void grad_conv_out_run(float* y, const float* g, int64_t n, float mean, float k, float q,
-                       float r);
+void grad_conv_out_run(float* y, const float* g, int64_t n, float mean, float k, float q, float r);
 void grad_conv_out_run(double* y, const double* g, int64_t n, double mean, double k, double q,
                        double r);
-void grad_conv_out_rows(float* y, const float* g, int64_t rows, int64_t channels,
-                        const float* mean, const float* k, const float* q, const float* r);
+void grad_conv_out_rows(float* y, const float* g, int64_t rows, int64_t channels, const float* mean,
+                        const float* k, const float* q, const float* r);
 void grad_conv_out_rows(double* y, const double* g, int64_t rows, int64_t channels,
                         const double* mean, const double* k, const double* q, const double* r);
 

@@ -114,9 +114,9 @@ BatchAffine batch_affine_cuda(const at::Tensor& mean, const at::Tensor& invstd,
       p.scale_tensor = keep[4].const_data_ptr<S>();
     }
     p.scale = scale;
-    batch_affine_kernel<S><<<static_cast<unsigned>(blocks), kBlock, 0,
-                             c10::cuda::getCurrentCUDAStream()>>>(
-        channels, p, out.a.mutable_data_ptr<S>(), out.d.mutable_data_ptr<S>());
+    batch_affine_kernel<S>
+        <<<static_cast<unsigned>(blocks), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            channels, p, out.a.mutable_data_ptr<S>(), out.d.mutable_data_ptr<S>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -140,31 +140,33 @@ FoldedConv fold_into_conv_cuda(const at::Tensor& weight, const std::optional<at:
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Keeps the converted per-channel tensors alive until the launch is queued.
   at::Tensor keep[6];
-  AT_DISPATCH_FLOATING_TYPES(stats_dtype == at::kDouble ? at::kDouble : at::kFloat, "fold_stats",
-                             [&] {
-    using S = scalar_t;
-    ChannelParams<S> p{};
-    p.bias = ptr_of<S>(bias, keep[0], stats_dtype);
-    p.gamma = ptr_of<S>(bn_weight, keep[1], stats_dtype);
-    p.beta = ptr_of<S>(bn_bias, keep[2], stats_dtype);
-    keep[3] = as_stats(running_mean, stats_dtype);
-    p.mean = keep[3].const_data_ptr<S>();
-    keep[4] = as_stats(running_var, stats_dtype);
-    p.var = keep[4].const_data_ptr<S>();
-    if (scale_tensor.has_value() && scale_tensor->defined()) {
-      keep[5] = as_stats(scale_tensor->reshape({-1}), stats_dtype);
-      p.scale_tensor = keep[5].const_data_ptr<S>();
-    }
-    p.scale = scale;
-    p.eps = eps;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fold_bn", [&] {
-      fold_bn_kernel<scalar_t, S><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
-          weight.const_data_ptr<scalar_t>(), strides_of(weight), strides_of(folded.weight), c_out,
-          weight.size(1), weight.size(2), weight.size(3), p,
-          folded.weight.mutable_data_ptr<scalar_t>(), folded.bias.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES(
+      stats_dtype == at::kDouble ? at::kDouble : at::kFloat, "fold_stats", [&] {
+        using S = scalar_t;
+        ChannelParams<S> p{};
+        p.bias = ptr_of<S>(bias, keep[0], stats_dtype);
+        p.gamma = ptr_of<S>(bn_weight, keep[1], stats_dtype);
+        p.beta = ptr_of<S>(bn_bias, keep[2], stats_dtype);
+        keep[3] = as_stats(running_mean, stats_dtype);
+        p.mean = keep[3].const_data_ptr<S>();
+        keep[4] = as_stats(running_var, stats_dtype);
+        p.var = keep[4].const_data_ptr<S>();
+        if (scale_tensor.has_value() && scale_tensor->defined()) {
+          keep[5] = as_stats(scale_tensor->reshape({-1}), stats_dtype);
+          p.scale_tensor = keep[5].const_data_ptr<S>();
+        }
+        p.scale = scale;
+        p.eps = eps;
+        AT_DISPATCH_FLOATING_TYPES_AND2(
+            at::kHalf, at::kBFloat16, weight.scalar_type(), "fold_bn", [&] {
+              fold_bn_kernel<scalar_t, S><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+                  weight.const_data_ptr<scalar_t>(), strides_of(weight), strides_of(folded.weight),
+                  c_out, weight.size(1), weight.size(2), weight.size(3), p,
+                  folded.weight.mutable_data_ptr<scalar_t>(),
+                  folded.bias.mutable_data_ptr<scalar_t>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+      });
   return folded;
 }
 

@@ -28,11 +28,20 @@ ParamView param_view(const std::optional<at::Tensor>& t) {
   ParamView v;
   if (!t.has_value() || !t->defined()) return v;
   switch (t->scalar_type()) {
-    case at::kFloat: v.type = ParamType::kFloat; break;
-    case at::kDouble: v.type = ParamType::kDouble; break;
-    case at::kHalf: v.type = ParamType::kHalf; break;
-    case at::kBFloat16: v.type = ParamType::kBFloat16; break;
-    default: TORCH_INTERNAL_ASSERT(false, "fused_conv: unexpected parameter dtype ", t->scalar_type());
+    case at::kFloat:
+      v.type = ParamType::kFloat;
+      break;
+    case at::kDouble:
+      v.type = ParamType::kDouble;
+      break;
+    case at::kHalf:
+      v.type = ParamType::kHalf;
+      break;
+    case at::kBFloat16:
+      v.type = ParamType::kBFloat16;
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "fused_conv: unexpected parameter dtype ", t->scalar_type());
   }
   v.data = t->const_data_ptr();
   // A scale_tensor has one element (any shape); a per-channel tensor is 1-D.
@@ -43,12 +52,16 @@ ParamView param_view(const std::optional<at::Tensor>& t) {
 __device__ __forceinline__ float load(const ParamView& p, int64_t i, float absent) {
   const int64_t at = i * p.stride;
   switch (p.type) {
-    case ParamType::kFloat: return static_cast<const float*>(p.data)[at];
-    case ParamType::kDouble: return static_cast<float>(static_cast<const double*>(p.data)[at]);
-    case ParamType::kHalf: return __half2float(static_cast<const __half*>(p.data)[at]);
+    case ParamType::kFloat:
+      return static_cast<const float*>(p.data)[at];
+    case ParamType::kDouble:
+      return static_cast<float>(static_cast<const double*>(p.data)[at]);
+    case ParamType::kHalf:
+      return __half2float(static_cast<const __half*>(p.data)[at]);
     case ParamType::kBFloat16:
       return __bfloat162float(static_cast<const __nv_bfloat16*>(p.data)[at]);
-    default: return absent;
+    default:
+      return absent;
   }
 }
 
@@ -70,8 +83,8 @@ __global__ void channel_coefs_kernel(int64_t channels, const float* __restrict__
 // One block: per-channel products, then grad_scale as a fixed-order float64
 // tree over the threads' partial sums (bitwise reproducible).
 __global__ void param_grads_kernel(int64_t channels, const float* __restrict__ rows,
-                                   const float* __restrict__ coefs, ParamView gamma,
-                                   ParamView beta, bool training, float* __restrict__ grad_bias,
+                                   const float* __restrict__ coefs, ParamView gamma, ParamView beta,
+                                   bool training, float* __restrict__ grad_bias,
                                    float* __restrict__ grad_bn_weight,
                                    float* __restrict__ grad_bn_bias,
                                    float* __restrict__ grad_scale) {
@@ -98,10 +111,10 @@ __global__ void param_grads_kernel(int64_t channels, const float* __restrict__ r
 }
 
 void check_stats(const at::Tensor& t, int64_t channels, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == channels &&
-                  t.is_contiguous(),
-              "fused_conv: expected ", name, " as a contiguous float32 [", channels,
-              "] tensor, but got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(
+      t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == channels && t.is_contiguous(),
+      "fused_conv: expected ", name, " as a contiguous float32 [", channels, "] tensor, but got ",
+      t.scalar_type(), " ", t.sizes());
 }
 
 }  // namespace
@@ -109,8 +122,7 @@ void check_stats(const at::Tensor& t, int64_t channels, const char* name) {
 ChannelCoefs backward_channel_coefs(const at::Tensor& mean, const at::Tensor& invstd,
                                     const std::optional<at::Tensor>& bias,
                                     const std::optional<at::Tensor>& bn_weight,
-                                    const std::optional<at::Tensor>& scale_tensor,
-                                    double scale) {
+                                    const std::optional<at::Tensor>& scale_tensor, double scale) {
   const int64_t channels = mean.numel();
   check_stats(mean, channels, "mean");
   check_stats(invstd, channels, "invstd");

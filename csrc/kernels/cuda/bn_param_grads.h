@@ -25,8 +25,7 @@ struct ChannelCoefs {
 ChannelCoefs backward_channel_coefs(const at::Tensor& mean, const at::Tensor& invstd,
                                     const std::optional<at::Tensor>& bias,
                                     const std::optional<at::Tensor>& bn_weight,
-                                    const std::optional<at::Tensor>& scale_tensor,
-                                    double scale);
+                                    const std::optional<at::Tensor>& scale_tensor, double scale);
 
 // From rows (the backward's [kGradRows, C] sums, grad_coefficients.cuh) and the
 // coefficients, all float32:

@@ -48,8 +48,8 @@
 #include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/conv_rows16.h"
 #include "kernels/cuda/grad_coefficients.cuh"
-#include "kernels/cuda/grad_input_rows16.h"
 #include "kernels/cuda/grad_input_correction.h"
+#include "kernels/cuda/grad_input_rows16.h"
 #include "kernels/cuda/grad_input_taps.h"
 #include "kernels/cuda/grad_input_tile.h"
 #include "kernels/cuda/grad_moments.h"
@@ -148,8 +148,8 @@ at::Tensor reduce_weight_grad(const at::Tensor& partials, int grid_x, int bn, in
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                      const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& bn_weight,
                       const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean,
                       const at::Tensor& invstd, const std::optional<at::Tensor>& scale_tensor,
@@ -181,11 +181,10 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
   // float16 / bfloat16 channels_last on Hopper: passes 1 and 2 on the 16-bit row kernel.
   const bool rows16 = !moments && conv_rows16_grad_supports(s, x, grad, input.get_device());
   at::Tensor rows, moments_grad_weight;
-  GradTerms terms{grad.const_data_ptr(), center.const_data_ptr<float>(), nullptr, nullptr,
-                  nullptr};
+  GradTerms terms{grad.const_data_ptr(), center.const_data_ptr<float>(), nullptr, nullptr, nullptr};
   if (moments) {
-    std::tie(rows, moments_grad_weight) = grad_moments(grad, x, w, center, invstd_f, k, padding,
-                                                       training, input_weight_mask[1]);
+    std::tie(rows, moments_grad_weight) =
+        grad_moments(grad, x, w, center, invstd_f, k, padding, training, input_weight_mask[1]);
   } else {
     at::Tensor partials;
     int grid_x = 0, bn = 0;
@@ -194,10 +193,10 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
       bn = kRowsChannels;
     } else {
       partials = reduction_partials(s, input);
-      grid_x = static_cast<int>(run_tile_kernel<TileMode::kGradStats>(
-                                    s, x, w, BnFold{}, terms, at::Tensor(),
-                                    partials.mutable_data_ptr<float>())
-                                    .grid.x);
+      grid_x = static_cast<int>(
+          run_tile_kernel<TileMode::kGradStats>(s, x, w, BnFold{}, terms, at::Tensor(),
+                                                partials.mutable_data_ptr<float>())
+              .grid.x);
       bn = 8 * n_tiles_for(s.c_out);
     }
     rows = at::empty({kGradRows, s.c_out}, input.options().dtype(at::kFloat));
@@ -211,8 +210,8 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
 
   // grad_input / grad_weight. conv_grads: the gradients of the convolution given
   // the gradient g at its output (with the weight w_eff) for the mask's entries.
-  const bool tile_dgrad = input_weight_mask[0] &&
-                          grad_input_tile_supports(input, weight, stride, padding, dilation, 1);
+  const bool tile_dgrad =
+      input_weight_mask[0] && grad_input_tile_supports(input, weight, stride, padding, dilation, 1);
   auto conv_grads = [&](const at::Tensor& g, const at::Tensor& w_eff,
                         std::array<bool, 2> mask) -> std::pair<at::Tensor, at::Tensor> {
     std::pair<at::Tensor, at::Tensor> grads{at::empty({0}, input.options()),
@@ -261,8 +260,9 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
         const Launch plan = run_tile_kernel<TileMode::kGradOutW>(s, x, w, BnFold{}, terms, g_hat,
                                                                  nullptr, /*dry_run=*/true);
         const int bn = 8 * n_tiles_for(s.c_out), k8 = 8 * s.k_steps;
-        at::Tensor w_partials = at::empty(
-            {static_cast<int64_t>(plan.grid.y) * plan.grid.x * bn * k8}, input.options().dtype(at::kFloat));
+        at::Tensor w_partials =
+            at::empty({static_cast<int64_t>(plan.grid.y) * plan.grid.x * bn * k8},
+                      input.options().dtype(at::kFloat));
         const Launch run = run_tile_kernel<TileMode::kGradOutW>(
             s, x, w, BnFold{}, terms, g_hat, w_partials.mutable_data_ptr<float>());
         TORCH_INTERNAL_ASSERT(run.grid.x == plan.grid.x && run.grid.y == plan.grid.y);
@@ -272,8 +272,8 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
       } else if (rows16 && input_weight_mask[1] && conv_rows16_weight_grad_fusable(s)) {
         // g_hat and, from it in registers, the weight gradient's partials.
         const auto [w_partials, grid_x] = conv_rows16_grad_out_w(s, x, w, terms, g_hat);
-        grad_weight = reduce_weight_grad(w_partials, grid_x, kRowsChannels,
-                                         s.kh * s.kw * s.c_in, s, weight);
+        grad_weight =
+            reduce_weight_grad(w_partials, grid_x, kRowsChannels, s.kh * s.kw * s.c_in, s, weight);
         // w: the contiguous copy already made (saves a second copy of a
         // channels_last weight); the data gradient does not depend on layout.
         if (input_weight_mask[0]) grad_input = conv_grads(g_hat, w, {true, false}).first;

@@ -13,8 +13,8 @@ namespace fused_conv::cuda {
 
 // Same contract as the conv_bn_backward op (csrc/bindings/op_schemas.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                      const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& bn_weight,
                       const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean,
                       const at::Tensor& invstd, const std::optional<at::Tensor>& scale_tensor,

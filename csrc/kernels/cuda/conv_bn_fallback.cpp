@@ -29,8 +29,8 @@ at::Tensor fallback_conv_bn_eval(const at::Tensor& input, const at::Tensor& weig
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fallback_conv_bn_train(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    double eps, const std::optional<at::Tensor>& scale_tensor, double scale,
-    const ConvParams& conv, const ConvBnGeometry& g) {
+    double eps, const std::optional<at::Tensor>& scale_tensor, double scale, const ConvParams& conv,
+    const ConvBnGeometry& g) {
   const auto stats_options = input.options().dtype(g.stats_dtype);
   at::Tensor out = conv_forward(input, weight, bias, conv, g.memory_format);
   if (g.count == 0) {  // no values: mean 0, var 0 (what an empty batch contributes)

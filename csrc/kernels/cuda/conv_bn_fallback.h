@@ -28,7 +28,7 @@ at::Tensor fallback_conv_bn_eval(const at::Tensor& input, const at::Tensor& weig
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fallback_conv_bn_train(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    double eps, const std::optional<at::Tensor>& scale_tensor, double scale,
-    const ConvParams& conv, const ConvBnGeometry& g);
+    double eps, const std::optional<at::Tensor>& scale_tensor, double scale, const ConvParams& conv,
+    const ConvBnGeometry& g);
 
 }  // namespace fused_conv::cuda

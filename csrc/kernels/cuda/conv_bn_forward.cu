@@ -30,7 +30,8 @@ namespace {
 // reproducible. Adds the conv bias to the mean; var is biased (divides by M).
 __global__ void finalize_stats_kernel(const float* __restrict__ partials, int grid_x, int bn,
                                       int64_t c_out, const float* __restrict__ bias, float eps,
-                                      float* __restrict__ mean_out, float* __restrict__ invstd_out) {
+                                      float* __restrict__ mean_out,
+                                      float* __restrict__ invstd_out) {
   const int64_t c = blockIdx.x;
   const int lane = threadIdx.x;
   const int64_t cb = c / bn, cl = c % bn;
@@ -100,15 +101,13 @@ void apply_fold(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, co
 
 }  // namespace
 
-bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups) {
+bool tile_kernel_supports(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   return make_tile_shape(input, weight, stride, padding, dilation, groups).has_value();
 }
 
-bool rows_stats_supports(const at::Tensor& input, const at::Tensor& weight,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                         int64_t groups) {
+bool rows_stats_supports(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const auto shape = make_tile_shape(input, weight, stride, padding, dilation, groups);
   return shape.has_value() && input.is_cuda() &&
          conv_rows_stats_supports(*shape, input.scalar_type(), input.get_device());
@@ -146,8 +145,8 @@ at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    double eps, const std::optional<at::Tensor>& scale_tensor, double scale,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+    double eps, const std::optional<at::Tensor>& scale_tensor, double scale, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation) {
   c10::cuda::CUDAGuard guard(input.device());
   const auto shape = make_tile_shape(input, weight, stride, padding, dilation, 1);
   TORCH_CHECK(shape.has_value(), "fused_conv: configuration outside the tile kernel's reach");

@@ -72,13 +72,13 @@ constexpr int kDefaultRows = 2;
 [[maybe_unused]] constexpr int kMinChannels = 32;
 
 struct RowsShape : RowStrips {
-  int pairs;        // ceil(C_in / 8): k-steps per tap
-  int k_steps;      // kh*kw*pairs
-  int items;        // 4-channel items of a strip: 2*pairs*staged_rows*staged_w
-  int x_words;      // 4*items: one staged strip (raw, big or small)
-  int w_words;      // one split term of the staged weights
-  bool vec4;        // NHWC: 16-byte copies of 4 channels
-  bool pair_stores; // W_out even: 8-byte stores of pixel pairs
+  int pairs;         // ceil(C_in / 8): k-steps per tap
+  int k_steps;       // kh*kw*pairs
+  int items;         // 4-channel items of a strip: 2*pairs*staged_rows*staged_w
+  int x_words;       // 4*items: one staged strip (raw, big or small)
+  int w_words;       // one split term of the staged weights
+  bool vec4;         // NHWC: 16-byte copies of 4 channels
+  bool pair_stores;  // W_out even: 8-byte stores of pixel pairs
 };
 
 // Weights (big, small), the split strip (big, small), the raw ring (2 strips),
@@ -134,8 +134,7 @@ __device__ __forceinline__ void copy_strip(const float* __restrict__ x, const Ro
                         static_cast<unsigned>(iw) < static_cast<unsigned>(s.w);
     float* dst = raw + ((pl * s.staged_rows + sr) * s.staged_w + px) * 4;
     if constexpr (kChannelsLast) {
-      const float* src =
-          inside ? img + (static_cast<int64_t>(ih) * s.w + iw) * s.c_in + c0 : img;
+      const float* src = inside ? img + (static_cast<int64_t>(ih) * s.w + iw) * s.c_in + c0 : img;
       if (s.vec4) {
         cp_async_vec<4>(dst, src, inside && c0 < s.c_in);
       } else {
@@ -278,7 +277,7 @@ __global__ void __launch_bounds__(kThreads)
 
     const int rows = min(s.rows, s.h_out - oh0);
     const int lim = s.w_out - ow0;  // valid pixels of the tile (may exceed 128)
-    float valid[16][2], cnt, inv;  // the statistics' pixel weights
+    float valid[16][2], cnt, inv;   // the statistics' pixel weights
     row_pixel_weights(lim, t, valid, cnt, inv);
     for (int r = 0; r < rows; ++r) {
       wgmma_fence();
@@ -309,9 +308,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
             for (int jj = 0; jj < 8; ++jj) {
               const int j = 8 * h + jj;
-              *reinterpret_cast<float2*>(stage + g * kStageRow + 8 * jj + 2 * t) =
-                  make_float2(fmaf(fa[p], acc[j][2 * p], fd[p]),
-                              fmaf(fa[p], acc[j][2 * p + 1], fd[p]));
+              *reinterpret_cast<float2*>(stage + g * kStageRow + 8 * jj + 2 * t) = make_float2(
+                  fmaf(fa[p], acc[j][2 * p], fd[p]), fmaf(fa[p], acc[j][2 * p + 1], fd[p]));
             }
             __syncwarp();
             // W_out even: lim is even, so a pixel pair is whole or outside.
@@ -361,8 +359,7 @@ int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold
       row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads, smem, r.c_out, r.strips);
   if (!dry_run) {
     const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
-    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, partials,
-                                                                         out);
+    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, partials, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return grid_x;
@@ -377,8 +374,8 @@ bool rows_fit(const ConvShape& s, bool apply, int device) {
          bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
 }
 
-int run_rows_stats(const RowsShape& r, bool channels_last, const at::Tensor& x,
-                   const at::Tensor& w, float* partials, bool dry_run) {
+int run_rows_stats(const RowsShape& r, bool channels_last, const at::Tensor& x, const at::Tensor& w,
+                   float* partials, bool dry_run) {
   const float* xp = x.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
   return channels_last ? launch_rows<true, false>(r, xp, wp, BnFold{}, partials, nullptr, dry_run)
@@ -469,8 +466,8 @@ std::pair<at::Tensor, int> conv_rows_stats(const ConvShape& s, const at::Tensor&
   return {partials, grid_x};
 }
 
-void conv_rows_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
-                     const BnFold& f, at::Tensor& out) {
+void conv_rows_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const BnFold& f,
+                     at::Tensor& out) {
   RowsShape r = rows_shape_for(s, x);
   float* o = out.mutable_data_ptr<float>();
   TORCH_CHECK(!s.channels_last, "fused_conv: the row kernel writes NCHW outputs only");

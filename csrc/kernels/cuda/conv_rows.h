@@ -66,7 +66,7 @@ bool conv_rows_apply_supports(const ConvShape& s, at::ScalarType dtype, int devi
 
 // out = a[c]*conv(x) + d[c] with the fold f (conv_tile_kernel.cuh), written in
 // the layout s.channels_last names; out is allocated by the caller.
-void conv_rows_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
-                     const BnFold& f, at::Tensor& out);
+void conv_rows_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const BnFold& f,
+                     at::Tensor& out);
 
 }  // namespace fused_conv::cuda

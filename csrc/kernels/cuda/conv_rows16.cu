@@ -91,8 +91,8 @@ struct Rows16Shape : RowStrips {
 
 // Weights, the ring, the zero region, the output stage (apply), the k-step tables.
 size_t smem_bytes(const Rows16Shape& r, bool apply) {
-  return static_cast<size_t>(r.w_bytes) + static_cast<size_t>(kSlots) * r.slot_bytes +
-         kZeroBytes + (apply ? kStageBytes : 0) + 2 * kMaxKSteps * sizeof(int);
+  return static_cast<size_t>(r.w_bytes) + static_cast<size_t>(kSlots) * r.slot_bytes + kZeroBytes +
+         (apply ? kStageBytes : 0) + 2 * kMaxKSteps * sizeof(int);
 }
 
 Rows16Shape make_rows16_shape(const ConvShape& s, int rows) {
@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_commit();
 
     const int rows = min(s.rows, s.h_out - oh0);
-    const int lim = s.w_out - ow0;  // valid pixels of the tile (may exceed 128)
+    const int lim = s.w_out - ow0;             // valid pixels of the tile (may exceed 128)
     float valid[16][2], cnt = 0.f, inv = 0.f;  // the statistics' pixel weights
     if constexpr (!kApply) row_pixel_weights(lim, t, valid, cnt, inv);
     const int pieces = min(lim, kPix) * 8;  // 16-byte (pixel, 8-channel group) pieces
@@ -363,8 +363,8 @@ __global__ void __launch_bounds__(kThreads)
         // kGradOut: this lane's first pair key of the row, and the offset's
         // bits above 32 (hashed, as mix_bits does).
         const int64_t row_off = row_pix * s.c_out;
-        const uint32_t row_key = static_cast<uint32_t>(row_off) +
-                                 static_cast<uint32_t>(2 * t * s.c_out + c_mine);
+        const uint32_t row_key =
+            static_cast<uint32_t>(row_off) + static_cast<uint32_t>(2 * t * s.c_out + c_mine);
         const uint32_t row_high = static_cast<uint32_t>(row_off >> 32) * 0x27D4EB2Du;
 #pragma unroll
         for (int j = 0; j < 16; j += 2) {
@@ -414,8 +414,8 @@ __global__ void __launch_bounds__(kThreads)
             for (int u = 0; u < kMaxWChunks; u += 2) {
               if (u < s.chunks) {
                 uint32_t b[4];
-                ldmatrix_x4_trans(slot_addr + lane_px + ((m >> 1) ? w_off[u + 1] : w_off[u]),
-                                  b[0], b[1], b[2], b[3]);
+                ldmatrix_x4_trans(slot_addr + lane_px + ((m >> 1) ? w_off[u + 1] : w_off[u]), b[0],
+                                  b[1], b[2], b[3]);
                 mma_16bit_m16n8k16<T>(dw[u], a, b[0], b[1]);
                 if (u + 1 < s.chunks) mma_16bit_m16n8k16<T>(dw[u + 1], a, b[2], b[3]);
               }
@@ -446,9 +446,9 @@ __global__ void __launch_bounds__(kThreads)
     // partials[blockIdx.y][gridDim.x][64][taps * C_in] at column tap * C_in +
     // input channel, as reduce_weight_grad_kernel (conv_bn_backward.cu) reads them.
     const int k8 = taps * s.c_in;
-    float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kCo +
-                             16 * warp + g) *
-                                k8;
+    float* dst =
+        partials +
+        ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kCo + 16 * warp + g) * k8;
 #pragma unroll
     for (int u = 0; u < kMaxWChunks; ++u) {
       if (u < s.chunks) {
@@ -498,7 +498,7 @@ int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f,
   if (!dry_run) {
     const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
     kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, gt, partials,
-                                                                         out);
+                                                                        out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return grid_x;
@@ -611,8 +611,7 @@ std::pair<at::Tensor, int> conv_rows16_grad_out_w(const ConvShape& s, const at::
                                                        /*dry_run=*/true);
   const int64_t c_blocks = (s.c_out + kCo - 1) / kCo;
   const int64_t k_total = static_cast<int64_t>(s.kh) * s.kw * s.c_in;
-  at::Tensor partials =
-      at::empty({c_blocks, grid_x, kCo, k_total}, x.options().dtype(at::kFloat));
+  at::Tensor partials = at::empty({c_blocks, grid_x, kCo, k_total}, x.options().dtype(at::kFloat));
   run_rows16<Rows16Mode::kGradOutW>(r, x, w, BnFold{}, gt, partials.mutable_data_ptr<float>(),
                                     &g_hat, false);
   return {partials, grid_x};

@@ -205,7 +205,7 @@ struct SmemLayout {
   // per SM next to the weights of all slices (4 x 53 KB for the reference problem).
   static constexpr int kSlicedStages = 2;
   int b_frag, k_off, coef_a, coef_d, coef_c, coef_e, stat_n, stat_mean, stat_m2, stat_x, in_tile;
-  int g_hat;  // kGradOutW: the tile's g_hat, [kBN][kGhatStride] floats
+  int g_hat;         // kGradOutW: the tile's g_hat, [kBN][kGhatStride] floats
   int plane_stride;  // words between channel planes of the patch: = 8 (mod 32)
   int tile_stride;   // words between the patch buffers of the ring
   int total;
@@ -249,9 +249,9 @@ __device__ __forceinline__ TileCoord tile_coord(const ConvShape& s, int64_t tile
 // advance by carries instead of divisions; the patch geometry is the same for
 // every tile, so the start and the step are computed once per block.
 struct PatchWalk {
-  int e1, e2;                     // extents of mid and inner
-  int outer, mid, inner;          // start
-  int d_outer, d_mid, d_inner;    // step of kThreads elements
+  int e1, e2;                   // extents of mid and inner
+  int outer, mid, inner;        // start
+  int d_outer, d_mid, d_inner;  // step of kThreads elements
   __device__ PatchWalk(const ConvShape& s) {
     e1 = s.channels_last ? s.in_tile_w : s.in_tile_h;
     e2 = s.channels_last ? s.c_chunk : s.in_tile_w;
@@ -286,7 +286,7 @@ __device__ __forceinline__ void for_each_patch_element(const ConvShape& s, const
     const int gh = gh0 + ih, gw = gw0 + iw, gc = c0 + ci;
     const bool inside = static_cast<unsigned>(gh) < static_cast<unsigned>(s.h) &&
                         static_cast<unsigned>(gw) < static_cast<unsigned>(s.w) && gc < s.c_in;
-    const int src = !inside ? 0
+    const int src = !inside           ? 0
                     : s.channels_last ? (gh * s.w + gw) * s.c_in + gc
                                       : (gc * s.h + gh) * s.w + gw;
     fn(m, ci * plane_stride + ih * s.in_tile_w + iw, src, inside);
@@ -317,18 +317,19 @@ struct PatchStager {
                                         const PatchWalk& walk, const TileCoord& tc, int chunk,
                                         int plane_stride, float* dst) {
     const T* img = x + tc.n * s.c_in * s.h * s.w;
-    for_each_patch_element(s, walk, tc, chunk, plane_stride, [&](int m, int d, int src, bool inside) {
-      if constexpr (sizeof(T) == 4) {
-        cp_async_f32(dst + d, reinterpret_cast<const float*>(img + src), inside);
-      } else {
-        const T v = inside ? img[src] : from_float<T>(0.f);
-        if (m < kRegs) {
-          regs[m] = v;
-        } else {
-          dst[d] = to_float(v);
-        }
-      }
-    });
+    for_each_patch_element(
+        s, walk, tc, chunk, plane_stride, [&](int m, int d, int src, bool inside) {
+          if constexpr (sizeof(T) == 4) {
+            cp_async_f32(dst + d, reinterpret_cast<const float*>(img + src), inside);
+          } else {
+            const T v = inside ? img[src] : from_float<T>(0.f);
+            if (m < kRegs) {
+              regs[m] = v;
+            } else {
+              dst[d] = to_float(v);
+            }
+          }
+        });
     cp_async_commit();
   }
 
@@ -361,9 +362,7 @@ __device__ __forceinline__ void chan_merge(F& n, F& mean, F& m2, F nb, F mean_b,
 // than L2, so float32 loads stream past the cache.
 __device__ __forceinline__ float load_grad(const float* p) { return __ldcs(p); }
 __device__ __forceinline__ float load_grad(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load_grad(const __nv_bfloat16* p) {
-  return __bfloat162float(*p);
-}
+__device__ __forceinline__ float load_grad(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
 // kMode (TileMode):
 //   kApply    : writes out = a[c]*y + d[c] (a, d from the BnFold).
@@ -378,8 +377,8 @@ __device__ __forceinline__ float load_grad(const __nv_bfloat16* p) {
 //               (K8 = 8*k_steps, GEMM order k = (kr*kw + kq)*c_in + ci).
 // kSplit: 3 = 3xTF32 (float32-accurate), 1 = one TF32 MMA (exact for fp16/bf16).
 template <typename T, int kNT, int kSplit, TileMode kMode>
-__global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW                     ? 2
-                                            : kMode == TileMode::kConv                   ? (kNT <= 2 ? 4 : 3)
+__global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW ? 2
+                                            : kMode == TileMode::kConv   ? (kNT <= 2 ? 4 : 3)
                                             : (kMode != TileMode::kApply || kSplit == 3) ? 3
                                                                                          : 4)
     conv_tile_kernel(const T* __restrict__ x, const T* __restrict__ w, ConvShape s, BnFold f,
@@ -616,7 +615,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
       const uint64_t desc_big = wgmma_desc_k_major(b_frag, kBN * 16, 128);
       const uint64_t desc_small = desc_big + ((b_words * 4) >> 4);
       uint32_t a_big[2][2][4], a_small[2][2][4];  // [register set][m64 half][fragment]
-      auto mma_step = [&](int ks, uint32_t(&big)[2][4], uint32_t(&small)[2][4]) {
+      auto mma_step = [&](int ks, uint32_t (&big)[2][4], uint32_t (&small)[2][4]) {
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -644,7 +643,7 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
         wgmma_commit();
         wgmma_wait<1>();
       };
-      auto retire = [&](uint32_t(&big)[2][4], uint32_t(&small)[2][4]) {
+      auto retire = [&](uint32_t (&big)[2][4], uint32_t (&small)[2][4]) {
         wgmma_fence_operands(big);
         if constexpr (kSplit >= 2) wgmma_fence_operands(small);
       };
@@ -704,13 +703,15 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
 #pragma unroll
           for (int jj = 0; jj < kGroup; ++jj)
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) mma_tf32(acc[mt][j0 + jj], a_small[mt], b[jj][0], b[jj][1]);
+            for (int mt = 0; mt < 2; ++mt)
+              mma_tf32(acc[mt][j0 + jj], a_small[mt], b[jj][0], b[jj][1]);
         }
         if constexpr (kSplit >= 2) {
 #pragma unroll
           for (int jj = 0; jj < kGroup; ++jj)
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) mma_tf32(acc[mt][j0 + jj], a_big[mt], b[jj][2], b[jj][3]);
+            for (int mt = 0; mt < 2; ++mt)
+              mma_tf32(acc[mt][j0 + jj], a_big[mt], b[jj][2], b[jj][3]);
         }
 #pragma unroll
         for (int jj = 0; jj < kGroup; ++jj)
@@ -770,8 +771,8 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
         // grad_out has the output's layout: the same offsets as the stores below.
         const int64_t plane = static_cast<int64_t>(s.h_out) * s.w_out;
         const int64_t pix0 = (tc.n * s.h_out + oh) * s.w_out + tc.ow0 + g;  // NHWC pixel
-        const int64_t base0 = tc.n * s.c_out * plane + static_cast<int64_t>(oh) * s.w_out +
-                              tc.ow0 + g;  // NCHW, channel 0
+        const int64_t base0 = tc.n * s.c_out * plane + static_cast<int64_t>(oh) * s.w_out + tc.ow0 +
+                              g;  // NCHW, channel 0
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
 #pragma unroll
@@ -828,7 +829,8 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
               const float a = coef_a[j * 8 + 2 * t + p], d = coef_d[j * 8 + 2 * t + p];
 #pragma unroll
               for (int q = 0; q < 4; ++q) {
-                st[(2 * t + p) * kEpiStride + g + 8 * q] = fmaf(a, acc[q >> 1][j][(q & 1) * 2 + p], d);
+                st[(2 * t + p) * kEpiStride + g + 8 * q] =
+                    fmaf(a, acc[q >> 1][j][(q & 1) * 2 + p], d);
               }
             }
             __syncwarp();
@@ -918,7 +920,8 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
       // the same layout) of channel slot c and pixel column g + 8q of this row.
       const int64_t plane = static_cast<int64_t>(s.h_out) * s.w_out;
       const int64_t pix0 = (tc.n * s.h_out + oh) * s.w_out + tc.ow0 + g;
-      const int64_t base0 = tc.n * s.c_out * plane + static_cast<int64_t>(oh) * s.w_out + tc.ow0 + g;
+      const int64_t base0 =
+          tc.n * s.c_out * plane + static_cast<int64_t>(oh) * s.w_out + tc.ow0 + g;
       auto offset = [&](int c, int q) -> int64_t {
         return s.channels_last ? (pix0 + 8 * q) * s.c_out + c_base + c
                                : base0 + (c_base + c) * plane + 8 * q;
@@ -937,7 +940,8 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
 #pragma unroll
         for (int p = 0; p < 2; ++p)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) gv[p][q] = ok[p][q] ? load_grad(grad + offset(c0 + p, q)) : 0.f;
+          for (int q = 0; q < 4; ++q)
+            gv[p][q] = ok[p][q] ? load_grad(grad + offset(c0 + p, q)) : 0.f;
         float v[2][4];
 #pragma unroll
         for (int p = 0; p < 2; ++p) {
@@ -1102,8 +1106,9 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
         chan_merge(n, mean, m2, stat_n[wq], stat_mean[wq * kBN + threadIdx.x],
                    stat_m2[wq * kBN + threadIdx.x]);
       }
-      float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kBN +
-                               threadIdx.x) * 3;
+      float* dst =
+          partials +
+          ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kBN + threadIdx.x) * 3;
       dst[0] = n;
       dst[1] = mean;
       dst[2] = m2;
@@ -1148,8 +1153,9 @@ __global__ void __launch_bounds__(kThreads, kMode == TileMode::kGradOutW        
         b += sum_gy[wq * kBN + threadIdx.x];
         c += sum_y[wq * kBN + threadIdx.x];
       }
-      float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kBN +
-                               threadIdx.x) * 3;
+      float* dst =
+          partials +
+          ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kBN + threadIdx.x) * 3;
       dst[0] = a;
       dst[1] = b;
       dst[2] = c;

@@ -35,7 +35,7 @@
 namespace fused_conv::cuda {
 namespace {
 
-constexpr int kCx = 8;  // input channels (grad_moments_supports: C_in <= 8)
+constexpr int kCx = 8;      // input channels (grad_moments_supports: C_in <= 8)
 constexpr int kMaxCg = 64;  // output channels (grad_moments_supports: C_out <= 64)
 constexpr int kTaps = 9;
 constexpr int kK = kCx * kTaps;  // k = ci*9 + t
@@ -57,8 +57,7 @@ constexpr int kPlane = kHaloRows * kHaloCols + (24 - kHaloRows * kHaloCols % 32 
 static_assert(kPlane % 32 == 24 && kPlane >= kHaloRows * kHaloCols, "conflict-free A reads");
 static_assert(kPlane % 4 == 0 && kHaloCols % 4 == 0, "16-byte aligned halo rows");
 // Dynamic shared memory of the main kernel: the split K, then two x~ stages.
-constexpr size_t kCorrectionSmem =
-    sizeof(uint4) * kOffsets * 32 + sizeof(float) * 2 * kCx * kPlane;
+constexpr size_t kCorrectionSmem = sizeof(uint4) * kOffsets * 32 + sizeof(float) * 2 * kCx * kPlane;
 // The terms buffer: V as [t][(ci', t')][ci] and e as [t][ci] (the border
 // kernel reads 8 ci as two float4), e summed over the taps [ci], shift [ci'],
 // K [ci'][d][ci] (8 x 25 x 8).
@@ -104,7 +103,8 @@ __global__ void __launch_bounds__(256)
   const float* coef_1 = rows + kCoef1 * s.c_g;
   for (int c = threadIdx.x; c < s.c_g; c += blockDim.x) {
     double dot = 0;
-    for (int k = 0; k < k_cols; ++k) dot += static_cast<double>(w[c * k_cols + k]) * shift[k / kTaps];
+    for (int k = 0; k < k_cols; ++k)
+      dot += static_cast<double>(w[c * k_cols + k]) * shift[k / kTaps];
     ctr[c] = center[c] - dot;
   }
   __syncthreads();
@@ -314,8 +314,8 @@ __device__ __forceinline__ void stage_box(float* box, const float* __restrict__ 
     const int ci = i / (kRowsBox * kColsBox), rr = (i / kColsBox) % kRowsBox, cc = i % kColsBox;
     const int ih = h0 + rr, iw = w0 + cc;
     const bool inside = ih >= 0 && ih < s.h && iw >= 0 && iw < s.w;
-    box[i] = (inside ? __ldg(xn + ci * plane + static_cast<int64_t>(ih) * s.w + iw) : 0.f) -
-             shift[ci];
+    box[i] =
+        (inside ? __ldg(xn + ci * plane + static_cast<int64_t>(ih) * s.w + iw) : 0.f) - shift[ci];
   }
 }
 
@@ -463,9 +463,9 @@ void add_grad_input_correction(at::Tensor& grad_input, const at::Tensor& input,
       1);
   const int grid = static_cast<int>(
       std::clamp<int64_t>(s.tiles, 1, int64_t{per_sm} * multiprocessors(input.get_device())));
-  kernel<<<grid, kBlockThreads, kCorrectionSmem, stream>>>(
-      x.const_data_ptr<float>(), terms.const_data_ptr<float>(),
-      grad_input.mutable_data_ptr<float>(), s);
+  kernel<<<grid, kBlockThreads, kCorrectionSmem, stream>>>(x.const_data_ptr<float>(),
+                                                           terms.const_data_ptr<float>(),
+                                                           grad_input.mutable_data_ptr<float>(), s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (s.runs > 0) {
     // Persistent: the runs of all images (512 for the reference problem) in one wave.

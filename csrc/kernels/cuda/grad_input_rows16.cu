@@ -55,26 +55,26 @@
 namespace fused_conv::cuda {
 namespace {
 
-constexpr int kThreads = 128;                // one warpgroup
-constexpr int kPix = 64;                     // pixels per column tile (M = 64)
-constexpr int kGroupRows = 4;                // R: input rows per MMA group (N = 8R = 32)
-constexpr int kSegmentRows = 32;             // input rows per work item
-constexpr int kChunkBytes = 16;              // 8 channels of one pixel
-constexpr int kBlockBytes = 2 * 8 * 16;      // one W' block: two k-halves of 8 x 16 bytes
+constexpr int kThreads = 128;                   // one warpgroup
+constexpr int kPix = 64;                        // pixels per column tile (M = 64)
+constexpr int kGroupRows = 4;                   // R: input rows per MMA group (N = 8R = 32)
+constexpr int kSegmentRows = 32;                // input rows per work item
+constexpr int kChunkBytes = 16;                 // 8 channels of one pixel
+constexpr int kBlockBytes = 2 * 8 * 16;         // one W' block: two k-halves of 8 x 16 bytes
 [[maybe_unused]] constexpr int kMinWidth = 64;  // narrower rows waste most of the MMA
 [[maybe_unused]] constexpr size_t kMaxSmem = 113 * 1024;  // two blocks per multiprocessor
 
 struct Dgrad16Shape {
   int64_t n, items;
-  int c_in, c_out;     // the forward convolution's: dX has c_in channels, g c_out
-  int h, w;            // dX (the forward's input)
-  int g_h, g_w;        // g (the forward's output)
+  int c_in, c_out;       // the forward convolution's: dX has c_in channels, g c_out
+  int h, w;              // dX (the forward's input)
+  int g_h, g_w;          // g (the forward's output)
   int kh, kw, p_h, p_w;  // p = k - 1 - pad: g's padding in this convolution
-  int planes;          // c_out / 8 chunks per g pixel
-  int k_steps;         // kw * planes / 2: (tap column, chunk pair)
-  int blocks;          // 2R + kh - 2 W' blocks per k-step
+  int planes;            // c_out / 8 chunks per g pixel
+  int k_steps;           // kw * planes / 2: (tap column, chunk pair)
+  int blocks;            // 2R + kh - 2 W' blocks per k-step
   int segments, tiles_w, c_blocks;
-  int staged_w;        // 64 + kw - 1 columns per ring row
+  int staged_w;  // 64 + kw - 1 columns per ring row
   int plane_bytes, row_bytes, ring_rows;
 };
 
@@ -330,8 +330,7 @@ void launch(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w, at:
 
 bool grad_input_rows16_supports(const at::Tensor& grad_conv_out, const at::Tensor& input,
                                 const at::Tensor& weight, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation,
-                                int64_t groups) {
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
 #ifndef FUSED_CONV_BUILT_SM90A
   (void)grad_conv_out, (void)input, (void)weight, (void)stride, (void)padding, (void)dilation,
       (void)groups;
@@ -340,10 +339,10 @@ bool grad_input_rows16_supports(const at::Tensor& grad_conv_out, const at::Tenso
   if (std::strcmp(forward_kernel_choice(), "tile") == 0) return false;
   const at::ScalarType dtype = input.scalar_type();
   if ((dtype != at::kHalf && dtype != at::kBFloat16) || grad_conv_out.scalar_type() != dtype ||
-      weight.scalar_type() != dtype || !input.is_cuda() || input.dim() != 4 ||
-      weight.dim() != 4 || grad_conv_out.dim() != 4 || groups != 1 || stride.size() != 2 ||
-      padding.size() != 2 || dilation.size() != 2 || stride[0] != 1 || stride[1] != 1 ||
-      dilation[0] != 1 || dilation[1] != 1) {
+      weight.scalar_type() != dtype || !input.is_cuda() || input.dim() != 4 || weight.dim() != 4 ||
+      grad_conv_out.dim() != 4 || groups != 1 || stride.size() != 2 || padding.size() != 2 ||
+      dilation.size() != 2 || stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 ||
+      dilation[1] != 1) {
     return false;
   }
   const int64_t kh = weight.size(2), kw = weight.size(3);

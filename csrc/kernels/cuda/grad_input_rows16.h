@@ -15,8 +15,7 @@ namespace fused_conv::cuda {
 // FUSED_CONV_FORWARD_KERNEL=tile, like the other 16-bit row-kernel passes.
 bool grad_input_rows16_supports(const at::Tensor& grad_conv_out, const at::Tensor& input,
                                 const at::Tensor& weight, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation,
-                                int64_t groups);
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 // The gradient of conv(input; weight) with respect to its input, given
 // grad_conv_out (channels_last, the input's dtype), on the current stream: a

@@ -48,26 +48,28 @@ constexpr int kOutRows = kTapWarps;  // output rows per tile: one per warp in th
 constexpr int kOutCols = 32;         // output columns per tile: one per lane
 constexpr int kHaloRows = kOutRows + 2;
 constexpr int kHaloCols = kOutCols + 2;
-constexpr int kHaloPixels = kHaloRows * kHaloCols;        // 340 GEMM rows
-constexpr int kMFrags = (kHaloPixels + 15) / 16;           // 22 m16 fragments
+constexpr int kHaloPixels = kHaloRows * kHaloCols;                // 340 GEMM rows
+constexpr int kMFrags = (kHaloPixels + 15) / 16;                  // 22 m16 fragments
 constexpr int kMPerWarp = (kMFrags + kTapWarps - 1) / kTapWarps;  // 3
 constexpr int kStagedCols = 40;  // room for the 34 halo columns after an alignment offset <= 3
 // Vectors per staged row: enough for col_off + 34 columns at the largest col_off.
 template <int kVec>
-constexpr int kVecsPerRow = kVec == 4 ? 10 : kVec == 2 ? 18 : 34;
+constexpr int kVecsPerRow = kVec == 4   ? 10
+                            : kVec == 2 ? 18
+                                        : 34;
 constexpr int kSlice = 16;  // channels of g per ring stage: two k8 steps
 constexpr int kStages = 3;
 // Channel planes of a stage 424 words apart (= 8 mod 32): the A fragment's
 // lanes (8 pixels x 4 channels) hit 32 different banks.
 constexpr int kPlaneStride = 424;
 constexpr int kStageFloats = kSlice * kPlaneStride;
-constexpr int kCx = 8;                 // input channels the N columns cover
-constexpr int kTaps = 9;               // 3x3: one n8 fragment per tap
-constexpr int kN = kTaps * kCx;        // 72
+constexpr int kCx = 8;           // input channels the N columns cover
+constexpr int kTaps = 9;         // 3x3: one n8 fragment per tap
+constexpr int kN = kTaps * kCx;  // 72
 // Z is [n][pixel], rows 356 words apart (= 4 mod 32): the accumulator stores
 // (8 pixels x 4 even columns per instruction) are conflict-free.
 constexpr int kZStride = 356;
-constexpr int kMaxSlices = 4;          // C_out <= 64: the weights fit next to ring and Z
+constexpr int kMaxSlices = 4;  // C_out <= 64: the weights fit next to ring and Z
 constexpr int kMaxKSteps = kMaxSlices * kSlice / 8;
 
 constexpr size_t kSmemBytes = sizeof(float) * (kStages * kStageFloats + kN * kZStride) +
@@ -86,7 +88,7 @@ struct TapShape {
   int c_g, h_g, w_g;  // g: the conv output's channels and size
   int c_x, h, w;      // grad_input: the conv input's channels and size
   int pad_h, pad_w;
-  int col_off;        // halo column 0 within the staged row (kVec-aligned start)
+  int col_off;  // halo column 0 within the staged row (kVec-aligned start)
   int tiles_h, tiles_w, slices;
 };
 
@@ -122,8 +124,7 @@ __device__ __forceinline__ void stage_slice(const float* __restrict__ g, const T
   const int plane = s.h_g * s.w_g;
   const int channels = min(kSlice, s.c_g - slice * kSlice);  // the last slice's tail
   const float* img = g + (t.n * s.c_g + slice * kSlice) * plane;
-  for (int p = static_cast<int>(threadIdx.x) - kFirst; p >= 0 && p < kPositions;
-       p += kTapThreads) {
+  for (int p = static_cast<int>(threadIdx.x) - kFirst; p >= 0 && p < kPositions; p += kTapThreads) {
     const int row = p / kRowVecs, vec = p - (p / kRowVecs) * kRowVecs;
     const int oh = oh0 + row, ow = ow0 + kVec * vec;
     const bool inside = static_cast<unsigned>(oh) < static_cast<unsigned>(s.h_g) &&
@@ -381,8 +382,8 @@ __global__ void __launch_bounds__(kTapThreads, 1)
 std::optional<TapShape> make_tap_shape(const at::Tensor& input, const at::Tensor& weight,
                                        at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups) {
-  if (input.scalar_type() != at::kFloat || input.dim() != 4 || weight.dim() != 4 ||
-      groups != 1 || stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1 ||
+  if (input.scalar_type() != at::kFloat || input.dim() != 4 || weight.dim() != 4 || groups != 1 ||
+      stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1 ||
       weight.size(2) != 3 || weight.size(3) != 3 || padding[0] < 0 || padding[0] > 2 ||
       padding[1] < 0 || padding[1] > 2 || input.numel() == 0 ||
       input.suggest_memory_format() != at::MemoryFormat::Contiguous || !input.is_cuda() ||
@@ -394,8 +395,8 @@ std::optional<TapShape> make_tap_shape(const at::Tensor& input, const at::Tensor
   const int64_t c_g = weight.size(0);
   const int64_t h_g = h + 2 * padding[0] - 2, w_g = w + 2 * padding[1] - 2;
   constexpr int64_t kInt32 = int64_t{1} << 31;
-  if (c_x > kCx || c_g > kMaxSlices * kSlice || h_g <= 0 || w_g <= 0 ||
-      c_g * h_g * w_g >= kInt32 || c_x * h * w >= kInt32) {
+  if (c_x > kCx || c_g > kMaxSlices * kSlice || h_g <= 0 || w_g <= 0 || c_g * h_g * w_g >= kInt32 ||
+      c_x * h * w >= kInt32) {
     return std::nullopt;
   }
   TapShape s{};

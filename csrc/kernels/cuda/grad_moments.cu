@@ -65,13 +65,13 @@ constexpr int kFreshSteps = 4;  // k-steps per fresh accumulator
 // Words between the channel rows of the staged g tile (= 4 mod 32): an A
 // fragment load (8 channels x 4 pixels) hits 32 different banks.
 constexpr int kGStride = kPixels + 4;
-using moments::kCo;    // output channels: 4 m16 blocks
-using moments::kCx;    // input channels: one n8 fragment
+using moments::kCo;  // output channels: 4 m16 blocks
+using moments::kCx;  // input channels: one n8 fragment
+using moments::kK;   // 72 patch columns, k = ci*9 + tap
 using moments::kTaps;
-using moments::kK;     // 72 patch columns, k = ci*9 + tap
-constexpr int kLeft = 4;         // zero columns left of a staged row (>= padding 2)
-constexpr int kMaxW = 128;       // input width: a staged row holds kLeft + w + 3
-constexpr int kRowW = 136;       // words per staged row (a multiple of 4)
+constexpr int kLeft = 4;    // zero columns left of a staged row (>= padding 2)
+constexpr int kMaxW = 128;  // input width: a staged row holds kLeft + w + 3
+constexpr int kRowW = 136;  // words per staged row (a multiple of 4)
 static_assert(kLeft + kMaxW + 3 < kRowW && kRowW % 4 == 0, "a staged row holds every tap");
 // The float64 record of one block (grad_moments_record.cuh).
 using moments::kRecG;
@@ -86,8 +86,8 @@ struct MomentShape {
   int c_x, h, w;               // x
   int pad_h, pad_w;
   int tiles_per_image;
-  int rows;        // staged input rows per tile: the rows under 128 pixels + 2
-  int plane_raw;   // words between the raw staged planes: rows * kRowW
+  int rows;         // staged input rows per tile: the rows under 128 pixels + 2
+  int plane_raw;    // words between the raw staged planes: rows * kRowW
   int plane_split;  // words between the planes of split x (big, then small): = 4 (mod 32)
   int stage_floats;
 };
@@ -110,7 +110,7 @@ __device__ __forceinline__ float shift_of(const float* x, const MomentShape& s, 
 // stage. Channels of g past c_g and the left zero columns are never written.
 template <int kVec>
 __device__ __noinline__ void stage_tile(const float* __restrict__ g, const float* __restrict__ x,
-                           const MomentShape& s, int64_t tile, float* dst) {
+                                        const MomentShape& s, int64_t tile, float* dst) {
   const int64_t n = tile / s.tiles_per_image;
   const int p0 = static_cast<int>(tile - n * s.tiles_per_image) * kPixels;
   constexpr int kGVecs = kPixels / kVec;
@@ -141,7 +141,7 @@ __device__ __noinline__ void stage_tile(const float* __restrict__ g, const float
 // the rows, 2*kRowW + 3 words). Separate big and small planes let every MMA
 // operand load straight into its register (no moves).
 __device__ __noinline__ void prepare_tile(const MomentShape& s, int64_t tile, const float* raw_x,
-                             const float* shift, float* split, int* table) {
+                                          const float* shift, float* split, int* table) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int plane_row = warp; plane_row < s.c_x * s.rows; plane_row += kWarps) {
     const int ci = plane_row / s.rows, r = plane_row - ci * s.rows;
@@ -453,11 +453,10 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
   if (tid == 0) {
     const double sg = total[kRecSumG + c];
-    const double ctr = center[c] - red[2][0];  // y - ctr = W . X~ - ctr'
-    const double sgy = red[0][0] - ctr * sg;   // sum g*(y - ctr)
+    const double ctr = center[c] - red[2][0];   // y - ctr = W . X~ - ctr'
+    const double sgy = red[0][0] - ctr * sg;    // sum g*(y - ctr)
     const double sy = red[1][0] - count * ctr;  // sum (y - ctr)
-    const GradCoefficients coefs =
-        grad_coefficients(sg, sgy, sy, invstd[c], k[c], count, training);
+    const GradCoefficients coefs = grad_coefficients(sg, sgy, sy, invstd[c], k[c], count, training);
     store_grad_rows(rows, gridDim.x, c, sg, coefs);
     coef[0] = coefs.a;
     coef[1] = coefs.cy;
@@ -472,15 +471,15 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   if (training) {
     for (int j = 0; j < k_cols; ++j) wg += w_row[j] * total[kRecG + j * kK + tid];
   }
-  grad_weight[c * k_cols + tid] = static_cast<float>(
-      coef[0] * gw + coef[1] * (wg - coef[3] * sx) + coef[2] * sx + shift * coef[4]);
+  grad_weight[c * k_cols + tid] = static_cast<float>(coef[0] * gw + coef[1] * (wg - coef[3] * sx) +
+                                                     coef[2] * sx + shift * coef[4]);
 }
 
 std::optional<MomentShape> make_moment_shape(const at::Tensor& input, const at::Tensor& weight,
                                              at::IntArrayRef stride, at::IntArrayRef padding,
                                              at::IntArrayRef dilation, int64_t groups) {
-  if (input.scalar_type() != at::kFloat || input.dim() != 4 || weight.dim() != 4 ||
-      groups != 1 || stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1 ||
+  if (input.scalar_type() != at::kFloat || input.dim() != 4 || weight.dim() != 4 || groups != 1 ||
+      stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1 ||
       weight.size(2) != 3 || weight.size(3) != 3 || padding[0] < 0 || padding[0] > 2 ||
       padding[1] < 0 || padding[1] > 2 || input.numel() == 0 || !input.is_cuda() ||
       input.suggest_memory_format() != at::MemoryFormat::Contiguous) {

@@ -91,8 +91,9 @@ struct RowShape {
 // Shared memory: the ring, X~ big then small, the conversion's row sums
 // [(rows + 2) * 3][kParts][kCx], the shifts, the k-step table (kPix / 8 int2).
 size_t smem_bytes(const RowShape& s) {
-  return sizeof(float) * (2 * static_cast<size_t>(s.stage_words) + 2 * static_cast<size_t>(s.xt_words) +
-                          static_cast<size_t>(s.rows + 2) * 3 * kParts * kCx + kCx) +
+  return sizeof(float) *
+             (2 * static_cast<size_t>(s.stage_words) + 2 * static_cast<size_t>(s.xt_words) +
+              static_cast<size_t>(s.rows + 2) * 3 * kParts * kCx + kCx) +
          sizeof(int2) * (kPix / 8);
 }
 
@@ -171,8 +172,9 @@ __device__ __forceinline__ void stage_rows(const float* __restrict__ g, const fl
 // converts a quarter of the row's groups, lane (ci, e) one word of each core
 // matrix: the loads hit banks 4ci + e (raw_plane = 4 mod 32), the stores are
 // 32 consecutive words. sums[u][ci] = the unit's sum of X~ (in a fixed order).
-__device__ __forceinline__ void convert_rows(const RowShape& s, const float* raw, const float* shift,
-                                          float* xt_big, float* xt_small, float* sums) {
+__device__ __forceinline__ void convert_rows(const RowShape& s, const float* raw,
+                                             const float* shift, float* xt_big, float* xt_small,
+                                             float* sums) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, ci = lane / 4, e = lane % 4;
   const float sh = shift[ci];
   const int groups = s.slots / 4, per_part = (groups + kParts - 1) / kParts;
@@ -311,7 +313,7 @@ __device__ void rows_loop(const float* __restrict__ g, const float* __restrict__
 #pragma unroll
       for (int f = 0; f < kFreshSteps; ++f) {
         const int ks = ks0 + f;
-        if (ks >= k_steps) break;  // warpgroup-uniform
+        if (ks >= k_steps) break;       // warpgroup-uniform
         const int xo = step_off[ks].x;  // tap 0, k-half 0
         const uint64_t b_big = desc_big + xo / 4, b_small = desc_small + xo / 4;
         if constexpr (kGwRole) {
@@ -449,7 +451,8 @@ __device__ void rows_loop(const float* __restrict__ g, const float* __restrict__
     }
     if (wq == 0) {
 #pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) rec[kRecG + (fg * kTaps) * kK + (2 * ft + e2) * kTaps] = run0[e2];
+      for (int e2 = 0; e2 < 2; ++e2)
+        rec[kRecG + (fg * kTaps) * kK + (2 * ft + e2) * kTaps] = run0[e2];
     }
     if (t1 < kK) rec[kRecS + sx_ci * kTaps + sx_tap] = run_sum_x;
   }
@@ -491,8 +494,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     rows_loop<kVec, true, kGram>(g, x, partials, s, ring, xt_big, xt_small, sums, shift, step_off);
   } else {
-    rows_loop<kVec, false, kGram>(g, x, partials, s, ring, xt_big, xt_small, sums, shift,
-                                  step_off);
+    rows_loop<kVec, false, kGram>(g, x, partials, s, ring, xt_big, xt_small, sums, shift, step_off);
   }
 }
 
@@ -552,9 +554,9 @@ at::Tensor grad_moments_rows(const at::Tensor& g, const at::Tensor& x, int pad_h
   const auto aligned = [](const at::Tensor& t, int bytes) {
     return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0;
   };
-  const int vec = s.w_g % 4 == 0 && s.w % 4 == 0 && aligned(g, 16) && aligned(x, 16)  ? 4
+  const int vec = s.w_g % 4 == 0 && s.w % 4 == 0 && aligned(g, 16) && aligned(x, 16) ? 4
                   : s.w_g % 2 == 0 && s.w % 2 == 0 && aligned(g, 8) && aligned(x, 8) ? 2
-                                                                                       : 1;
+                                                                                     : 1;
   const int grid = static_cast<int>(std::clamp<int64_t>(s.tiles, 1, multiprocessors(device)));
   at::Tensor partials = at::empty({grid, kRecord}, x.options().dtype(at::kDouble));
   double* p = partials.mutable_data_ptr<double>();

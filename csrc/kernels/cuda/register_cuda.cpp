@@ -50,15 +50,15 @@ at::Tensor conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
     return tile_conv_bn_eval(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                              eps, scale_tensor, scale, stride, padding, dilation);
   }
-  return fallback_conv_bn_eval(input, weight, bias, bn_weight, bn_bias, running_mean,
-                               running_var, eps, scale_tensor, scale, conv, g);
+  return fallback_conv_bn_eval(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                               eps, scale_tensor, scale, conv, g);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    double eps, const std::optional<at::Tensor>& scale_tensor, double scale,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    double eps, const std::optional<at::Tensor>& scale_tensor, double scale, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
   const ConvParams conv{stride, padding, dilation, groups};
   const ConvBnGeometry g =
@@ -77,18 +77,17 @@ void update_running_stats_(const at::Tensor& running_mean, const at::Tensor& run
                            std::optional<double> momentum, double eps, int64_t count) {
   // No input here: the batch statistics name the device.
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(mean));
-  update_running_stats_cuda(running_mean, running_var, mean, invstd, num_batches_tracked,
-                            momentum, eps, count);
+  update_running_stats_cuda(running_mean, running_var, mean, invstd, num_batches_tracked, momentum,
+                            eps, count);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
-                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
-                 const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean,
-                 const at::Tensor& invstd, const std::optional<at::Tensor>& scale_tensor,
-                 double scale, at::IntArrayRef stride, at::IntArrayRef padding,
-                 at::IntArrayRef dilation, int64_t groups, bool training,
-                 std::array<bool, 2> input_weight_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& scale_tensor, double scale, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
+    std::array<bool, 2> input_weight_mask) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
   const ConvBnGeometry geometry =
       check_backward_args(grad_out, input, weight, bias, bn_weight, bn_bias, mean, invstd,

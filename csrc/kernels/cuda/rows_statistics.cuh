@@ -14,8 +14,8 @@ namespace fused_conv::cuda {
 // The strip's pixels 8j + 2t (+1) below `lim` as 1/0 weights (one FFMA per
 // value instead of a compare and select per use), their count over the quad of
 // lanes that shares the channels, and its inverse.
-__device__ __forceinline__ void row_pixel_weights(int lim, int t, float (&valid)[16][2],
-                                                  float& cnt, float& inv) {
+__device__ __forceinline__ void row_pixel_weights(int lim, int t, float (&valid)[16][2], float& cnt,
+                                                  float& inv) {
   cnt = 0.f;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
@@ -74,10 +74,9 @@ struct RowStatistics {
     if (t != 0) return;
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
-      float* dst =
-          partials +
-          ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * 64 + 16 * warp + g + 8 * p) *
-              3;
+      float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * 64 +
+                               16 * warp + g + 8 * p) *
+                                  3;
       dst[0] = n;
       dst[1] = mean[p];
       dst[2] = m2[p];

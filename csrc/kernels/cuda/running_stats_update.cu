@@ -67,8 +67,8 @@ void update_running_stats_cuda(const at::Tensor& running_mean, const at::Tensor&
           update_running_stats_kernel<Buffer, scalar_t><<<blocks, threads, 0, stream>>>(
               rm.mutable_data_ptr<Buffer>(), rv.mutable_data_ptr<Buffer>(),
               m.const_data_ptr<scalar_t>(), inv.const_data_ptr<scalar_t>(),
-              nbt.defined() ? nbt.const_data_ptr<int64_t>() : nullptr, momentum.value_or(0.0),
-              eps, bessel, channels);
+              nbt.defined() ? nbt.const_data_ptr<int64_t>() : nullptr, momentum.value_or(0.0), eps,
+              bessel, channels);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });

@@ -48,8 +48,7 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 }
 
 // 4-byte asynchronous global->shared copy; src_bytes = 0 writes a zero (conv padding).
-__device__ __forceinline__ void cp_async_f32(float* smem_dst, const float* gmem_src,
-                                             bool valid) {
+__device__ __forceinline__ void cp_async_f32(float* smem_dst, const float* gmem_src, bool valid) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
   const int src_bytes = valid ? 4 : 0;
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem_src),

@@ -106,8 +106,8 @@ std::optional<ConvShape> make_tile_shape(const at::Tensor& input, const at::Tens
   const int64_t w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
   const int64_t k = c_in * kh * kw;
   constexpr int64_t kInt32 = int64_t{1} << 31;
-  if (c_in > kMaxCin || k > kMaxK || input.size(0) * h_out * w_out == 0 ||
-      c_in * h * w >= kInt32 || c_out * h_out * w_out >= kInt32) {
+  if (c_in > kMaxCin || k > kMaxK || input.size(0) * h_out * w_out == 0 || c_in * h * w >= kInt32 ||
+      c_out * h_out * w_out >= kInt32) {
     return std::nullopt;  // per-image offsets are int32 inside the kernel
   }
   ConvShape s{};

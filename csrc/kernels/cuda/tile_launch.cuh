@@ -46,8 +46,7 @@ int resident_blocks_per_sm(const void* kernel, int threads, size_t smem);
 inline int n_tiles_for(int64_t c_out) { return c_out <= 16 ? 2 : c_out <= 32 ? 4 : 8; }
 
 // Shared memory of a launch with kNT = nt and kSplit = split (1, 2, 4, 8 / 1, 3).
-size_t smem_bytes_for(const ConvShape& s, int nt, int split, bool weight_grad,
-                      bool sliced = false);
+size_t smem_bytes_for(const ConvShape& s, int nt, int split, bool weight_grad, bool sliced = false);
 
 // in_tile_*, tiles_* and tiles from the sizes, stride, kernel and dilation.
 void set_tile_geometry(ConvShape& s);
@@ -84,8 +83,7 @@ struct Launch {
 
 template <int kNT, int kSplit>
 size_t tile_smem_bytes(const ConvShape& s, bool weight_grad, bool sliced = false) {
-  return static_cast<size_t>(SmemLayout<kNT, kSplit>(s, weight_grad, sliced).total) *
-         sizeof(float);
+  return static_cast<size_t>(SmemLayout<kNT, kSplit>(s, weight_grad, sliced).total) * sizeof(float);
 }
 
 template <typename T, int kNT, int kSplit, TileMode kMode>
@@ -125,34 +123,36 @@ Launch run_tile_kernel(const ConvShape& s, const at::Tensor& x, const at::Tensor
                        float* partials, bool dry_run = false) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Launch launch{};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_conv_tile", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
-                                 std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>,
-                                                    __nv_bfloat16, scalar_t>>;
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "fused_conv: the CUDA tile kernel has no float64 variant");
-    } else if constexpr (kMode == TileMode::kGradOutW && !std::is_same_v<scalar_t, float>) {
-      TORCH_CHECK(false, "fused_conv: the fused weight gradient is float32 only (weight_grad_fusable)");
-    } else {
-      constexpr int kSplit = sizeof(T) == 4 ? 3 : 1;
-      const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
-      const T* wp = reinterpret_cast<const T*>(w.const_data_ptr());
-      T* op = out.defined() ? reinterpret_cast<T*>(out.mutable_data_ptr()) : nullptr;
-      switch (n_tiles_for(s.c_out)) {
-        case 2:
-          launch = launch_tile_kernel<T, 2, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream,
-                                                                  dry_run);
-          break;
-        case 4:
-          launch = launch_tile_kernel<T, 4, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream,
-                                                                  dry_run);
-          break;
-        default:
-          launch = launch_tile_kernel<T, 8, kSplit, kMode>(s, xp, wp, fold, gt, op, partials, stream,
-                                                                  dry_run);
-      }
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "fused_conv_tile", [&] {
+        using T = std::conditional_t<
+            std::is_same_v<scalar_t, at::Half>, __half,
+            std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16, scalar_t>>;
+        if constexpr (std::is_same_v<scalar_t, double>) {
+          TORCH_CHECK(false, "fused_conv: the CUDA tile kernel has no float64 variant");
+        } else if constexpr (kMode == TileMode::kGradOutW && !std::is_same_v<scalar_t, float>) {
+          TORCH_CHECK(
+              false, "fused_conv: the fused weight gradient is float32 only (weight_grad_fusable)");
+        } else {
+          constexpr int kSplit = sizeof(T) == 4 ? 3 : 1;
+          const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
+          const T* wp = reinterpret_cast<const T*>(w.const_data_ptr());
+          T* op = out.defined() ? reinterpret_cast<T*>(out.mutable_data_ptr()) : nullptr;
+          switch (n_tiles_for(s.c_out)) {
+            case 2:
+              launch = launch_tile_kernel<T, 2, kSplit, kMode>(s, xp, wp, fold, gt, op, partials,
+                                                               stream, dry_run);
+              break;
+            case 4:
+              launch = launch_tile_kernel<T, 4, kSplit, kMode>(s, xp, wp, fold, gt, op, partials,
+                                                               stream, dry_run);
+              break;
+            default:
+              launch = launch_tile_kernel<T, 8, kSplit, kMode>(s, xp, wp, fold, gt, op, partials,
+                                                               stream, dry_run);
+          }
+        }
+      });
   return launch;
 }
 
