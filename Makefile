@@ -12,7 +12,7 @@ VENV_BIN := $(abspath $(VENV))/bin
 VPY := $(VENV_BIN)/python
 TORCH_VERSION ?= 2.14.1
 DEV_REQUIREMENTS := torch==$(TORCH_VERSION) numpy pytest ninja setuptools wheel build ruff \
-	cibuildwheel expecttest scikit-learn
+	clang-format==23.1.1 cibuildwheel expecttest scikit-learn
 DEPS_STAMP := $(VENV)/.fused_conv-dev-requirements
 LINT_PATHS = $(wildcard fused_conv tests benchmarks examples) setup.py
 PIP := $(VPY) -m pip --disable-pip-version-check
@@ -31,8 +31,8 @@ step = @echo "== [$$(date +%T)] $(1)"
 
 help:
 	@echo "make demo   install fused_conv from source into $(VENV) and run python -m fused_conv demo"
-	@echo "make test   ruff, build a wheel into dist/, install it, run the tests against it"
-	@echo "make lint   ruff (and clang-format when installed)"
+	@echo "make test   ruff, clang-format, build a wheel into dist/, install it, run the tests"
+	@echo "make lint   ruff and clang-format (C++ / CUDA, csrc/ and docs/checks/)"
 	@echo "make wheel  build dist/fused_conv-*.whl"
 	@echo "make clean  remove build outputs (distclean: also $(VENV))"
 
@@ -55,11 +55,11 @@ demo: $(DEPS_STAMP)
 	$(call step,demo)
 	cd "$${TMPDIR:-/tmp}" && $(VPY) -m fused_conv demo
 
+CXX_SOURCES = $(shell find csrc docs/checks -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
 lint: $(DEPS_STAMP)
 	$(VENV_BIN)/ruff check $(LINT_PATHS)
-	if command -v clang-format >/dev/null; then \
-		clang-format --dry-run --Werror $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh'); \
-	else echo "clang-format not installed: C++ formatting not checked"; fi
+	$(VENV_BIN)/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 # build/lib.* is emptied so that no stale file reaches the wheel; build/temp.* (ninja's
 # objects) is kept, so rebuilds only compile what changed.
@@ -72,8 +72,9 @@ wheel: $(DEPS_STAMP)
 # One GPU architecture keeps the CI build short; override with TORCH_CUDA_ARCH_LIST=...
 test: export TORCH_CUDA_ARCH_LIST ?= 9.0a
 test: $(DEPS_STAMP)
-	$(call step,ruff)
+	$(call step,ruff and clang-format)
 	$(VENV_BIN)/ruff check $(LINT_PATHS)
+	$(VENV_BIN)/clang-format --dry-run --Werror $(CXX_SOURCES)
 	$(MAKE) --no-print-directory wheel
 	$(call step,install the wheel)
 	$(PIP) install --force-reinstall --no-deps dist/fused_conv-*.whl
