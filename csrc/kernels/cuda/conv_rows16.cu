@@ -34,6 +34,15 @@
 //     [pixel][64 channels] stage (rows 144 bytes apart: 8 consecutive pixels in
 //     distinct banks), then the block writes the stage as 16-byte pieces, which
 //     for C_out = 64 is one contiguous run of W_out*128 bytes of the output.
+//   backward (kGradStats, kGradOut): the same stage holds the row's g, read
+//     back by ldmatrix.trans at the accumulators' positions; kGradOut rewrites
+//     it with g_hat and writes it out like apply.
+//   kGradOutW: the stage is laid out as MN-major core matrices instead, so
+//     that it is the A operand (64 channels x 128 pixels) of the weight
+//     gradient's warpgroup MMAs, whose B operand is the staged strip itself
+//     (pixels 16 bytes apart, 8 input channels each): per 16 pixels three
+//     m64n24k16 for a 3-wide kernel (one per chunk triple (p, r, q = 0..2)),
+//     else one m64n8k16 per chunk.
 // Shared memory ~68 KB for the reference problem: 3 blocks per multiprocessor.
 #include "kernels/cuda/conv_rows16.h"
 
@@ -62,6 +71,11 @@ constexpr int kSlots = 3;        // input ring: the strip in use and two in flig
 constexpr int kChunkBytes = 16;  // 8 channels of one pixel
 constexpr int kStageRow = 144;   // bytes per staged pixel: 64 channels + 16
 constexpr int kStageBytes = kPix * kStageRow;
+// kGradOutW stages g_hat as the weight-gradient MMA's A operand instead:
+// MN-major core matrices (8 pixels x 8 channels, 128 bytes), the 8 channel
+// groups of a pixel group 128 bytes apart, pixel groups 1 KB apart (16 KB).
+constexpr int kCmPixelGroup = 8 * 128;
+static_assert(kPix / 8 * kCmPixelGroup <= kStageBytes, "the core-matrix stage fits the stage");
 constexpr int kZeroBytes = 16 * 128;  // the 16 pixel groups of one core-matrix column
 constexpr int kDefaultRows = 4;       // the strip's halo is re-read (kh-1)/rows times
 [[maybe_unused]] constexpr int kMinWidth = 64;
@@ -120,18 +134,39 @@ __device__ __forceinline__ uint32_t pack_rounded(float lo, float hi, uint32_t ke
          static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&b)) << 16;
 }
 
-// Writes the stage's `pieces` 16-byte (pixel, 8-channel group) pieces of the
-// block's channels to `dst` (pixel 0, channel c_base of an output row); NHWC
-// pixels are C_out values apart, so for C_out = 64 the pieces are one
+// The stage's 16-byte piece q: (pixel px, 8-channel group cg) and its offset.
+// Rows: piece q = (q / 8, q % 8) at px * kStageRow + 16 cg. Core matrices
+// (kGradOutW): pieces in the order they lie in the stage (offset 16 q), so
+// that consecutive threads store to consecutive bytes.
+template <bool kCoreMatrices>
+__device__ __forceinline__ void stage_piece(int q, int& px, int& cg) {
+  if constexpr (kCoreMatrices) {
+    px = (q >> 6) * 8 + (q & 7);
+    cg = (q >> 3) & 7;
+  } else {
+    px = q >> 3;
+    cg = q & 7;
+  }
+}
+template <bool kCoreMatrices>
+__device__ __forceinline__ int stage_offset(int px, int cg) {
+  return kCoreMatrices ? (px >> 3) * kCmPixelGroup + cg * 128 + (px & 7) * 16
+                       : px * kStageRow + cg * 16;
+}
+
+// Writes the stage's pieces of the first `pixels` pixels and the block's
+// `groups` channel groups to `dst` (pixel 0, channel c_base of an output row);
+// NHWC pixels are C_out values apart, so for C_out = 64 the pieces are one
 // contiguous run.
-template <typename T>
+template <bool kCoreMatrices, typename T>
 __device__ __forceinline__ void write_stage(const unsigned char* stage, T* __restrict__ dst,
-                                            int c_out, int pieces, int groups) {
-  for (int q = threadIdx.x; q < pieces; q += kThreads) {
-    const int px = q >> 3, cg = q & 7;
-    if (cg < groups) {
+                                            int c_out, int pixels, int groups) {
+  for (int q = threadIdx.x; q < kPix * 8; q += kThreads) {
+    int px, cg;
+    stage_piece<kCoreMatrices>(q, px, cg);
+    if (px < pixels && cg < groups) {
       *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(px) * c_out + 8 * cg) =
-          *reinterpret_cast<const uint4*>(stage + px * kStageRow + cg * 16);
+          *reinterpret_cast<const uint4*>(stage + stage_offset<kCoreMatrices>(px, cg));
     }
   }
 }
@@ -234,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
   // kGradOutW: each chunk's staged offset (the same as the k-step tables'; the
   // last repeated past the chunk count), and the weight-gradient accumulators:
   // dw[u] = (channel 16w + g, input channels 8p + 2t, +1 of chunk u = (p, tap)),
-  // (channel + 8, ...): an m16n8 fragment per chunk.
+  // (channel + 8, ...): chunk u's 8 columns of the wgmma accumulator.
   int w_off[kWeightGrad ? kMaxWChunks + 1 : 1];
   float dw[kWeightGrad ? kMaxWChunks : 1][4];
   if constexpr (kWeightGrad) {
@@ -299,7 +334,7 @@ __global__ void __launch_bounds__(kThreads)
     const int lim = s.w_out - ow0;             // valid pixels of the tile (may exceed 128)
     float valid[16][2], cnt = 0.f, inv = 0.f;  // the statistics' pixel weights
     if constexpr (!kApply) row_pixel_weights(lim, t, valid, cnt, inv);
-    const int pieces = min(lim, kPix) * 8;  // 16-byte (pixel, 8-channel group) pieces
+    const int pixels = min(lim, kPix);  // pixels of the tile to write
     const uint32_t slot_addr = ring_addr + slot * s.slot_bytes;
     for (int r = 0; r < rows; ++r) {
       const int64_t row_pix = (n * s.h_out + oh0 + r) * s.w_out + ow0;  // NHWC pixel index
@@ -309,8 +344,9 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (kGrad) {
 #pragma unroll
         for (int i = 0; i < kPix * 8 / kThreads; ++i) {
-          const int q = threadIdx.x + i * kThreads, px = q >> 3, cg = q & 7;
-          g_pieces[i] = q < pieces && cg < groups
+          int px, cg;
+          stage_piece<kWeightGrad>(threadIdx.x + i * kThreads, px, cg);
+          g_pieces[i] = px < pixels && cg < groups
                             ? __ldcs(reinterpret_cast<const uint4*>(
                                   grad + (row_pix + px) * s.c_out + c_base + 8 * cg))
                             : make_uint4(0, 0, 0, 0);
@@ -345,7 +381,7 @@ __global__ void __launch_bounds__(kThreads)
           stmatrix_x4_trans(stage_addr + px * kStageRow + ch * 2, v[0], v[1], v[2], v[3]);
         }
         __syncthreads();
-        write_stage(stage, out + row_pix * s.c_out + c_base, s.c_out, pieces, groups);
+        write_stage<false>(stage, out + row_pix * s.c_out + c_base, s.c_out, pixels, groups);
         __syncthreads();  // the stage is rewritten by the next row
       } else if constexpr (kGrad) {
         // g's pieces into the stage, then back as fragments by ldmatrix.trans
@@ -354,8 +390,9 @@ __global__ void __launch_bounds__(kThreads)
         // rewrites in place) only its own 16 channels of the stage.
 #pragma unroll
         for (int i = 0; i < kPix * 8 / kThreads; ++i) {
-          const int q = threadIdx.x + i * kThreads;
-          *reinterpret_cast<uint4*>(stage + (q >> 3) * kStageRow + (q & 7) * 16) = g_pieces[i];
+          int px, cg;
+          stage_piece<kWeightGrad>(threadIdx.x + i * kThreads, px, cg);
+          *reinterpret_cast<uint4*>(stage + stage_offset<kWeightGrad>(px, cg)) = g_pieces[i];
         }
         __syncthreads();
         const int m = lane >> 3, i = lane & 7;
@@ -369,7 +406,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < 16; j += 2) {
           const uint32_t addr =
-              stage_addr + (8 * (j + (m >> 1)) + i) * kStageRow + (16 * warp + 8 * (m & 1)) * 2;
+              stage_addr + stage_offset<kWeightGrad>(8 * (j + (m >> 1)) + i, 2 * warp + (m & 1));
           uint32_t gr[4];
           ldmatrix_x4_trans(addr, gr[0], gr[1], gr[2], gr[3]);
           uint32_t v[4];
@@ -391,35 +428,17 @@ __global__ void __launch_bounds__(kThreads)
                                       fmaf(fa[p], gv.y, fmaf(fc[p], y1, fd[p])), key ^ row_high);
             }
           }
-          if constexpr (kGradOut) {
-            stmatrix_x4_trans(addr, v[0], v[1], v[2], v[3]);
-          }
           if constexpr (kWeightGrad) {
-            // v is this warp's A fragment of the GEMM dW(16 channels x K) +=
-            // g_hat(16 x 16 pixels) * X(16 pixels x K) for pixels 8j..8j+15
-            // (m16n8k16: a0 = (channel g, pixels 2t, 2t+1), a1 = (g + 8, ...),
-            // a2, a3 the same 8 pixels on), with pixels past W_out masked out.
-            uint32_t a[4];
+            // g_hat of pixels past W_out is zero in the stage, so that the
+            // weight gradient's MMAs below may run over the whole tile.
 #pragma unroll
             for (int mm = 0; mm < 4; ++mm) {
               const int px = 8 * (j + (mm >> 1)) + 2 * t;
-              a[mm] = v[mm] & (px + 1 < lim ? 0xFFFFFFFFu : px < lim ? 0x0000FFFFu : 0u);
+              v[mm] &= px + 1 < lim ? 0xFFFFFFFFu : px < lim ? 0x0000FFFFu : 0u;
             }
-            // B fragments from the staged strip by ldmatrix.trans: lane 8m + i
-            // supplies pixel 8(j + m % 2) + i of chunk u + m / 2 (16 bytes =
-            // its 8 channels), so registers 0, 1 are chunk u's (b0, b1) and
-            // 2, 3 chunk u + 1's (a repeat of u past the last chunk).
-            const uint32_t lane_px = (8 * (j + (m & 1)) + i) * kChunkBytes + r * row_bytes;
-#pragma unroll
-            for (int u = 0; u < kMaxWChunks; u += 2) {
-              if (u < s.chunks) {
-                uint32_t b[4];
-                ldmatrix_x4_trans(slot_addr + lane_px + ((m >> 1) ? w_off[u + 1] : w_off[u]), b[0],
-                                  b[1], b[2], b[3]);
-                mma_16bit_m16n8k16<T>(dw[u], a, b[0], b[1]);
-                if (u + 1 < s.chunks) mma_16bit_m16n8k16<T>(dw[u + 1], a, b[2], b[3]);
-              }
-            }
+          }
+          if constexpr (kGradOut) {
+            stmatrix_x4_trans(addr, v[0], v[1], v[2], v[3]);
           }
         }
         if constexpr (kMode == Rows16Mode::kGradStats) {
@@ -430,8 +449,53 @@ __global__ void __launch_bounds__(kThreads)
             gs_y[p] += row_y[p];
           }
         } else {
+          if constexpr (kWeightGrad) fence_proxy_async_shared();  // the stage, for wgmma
           __syncthreads();
-          write_stage(stage, out + row_pix * s.c_out + c_base, s.c_out, pieces, groups);
+          if constexpr (kWeightGrad) {
+            // dW(64 channels x chunks' 8 input channels) += g_hat(64 x 128
+            // pixels) * X(128 pixels x ...): per 16-pixel k-step, A = the
+            // stage's two pixel groups; B = the strip at chunk u's offset for
+            // this row, whose pixels are 16 bytes apart (MN-major, 8 input
+            // channels per row) and whose tap columns q lie dil_w pixels apart,
+            // so three chunks (p, r, q = 0..2) form one N = 24 operand.
+            // Chunks past the last read the zero region instead (their
+            // accumulators are never stored): no branch between the MMAs,
+            // where ptxas would insert a warpgroup.arrive before each (C7519).
+            const uint32_t row_x = slot_addr + r * row_bytes;
+            wgmma_fence();
+            if (s.kw == 3) {
+#pragma unroll
+              for (int ks = 0; ks < kPix / 16; ++ks) {
+                const uint64_t a = desc_at(stage_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
+#pragma unroll
+                for (int u = 0; u < kMaxWChunks; u += 3) {
+                  const uint32_t b =
+                      u < s.chunks ? row_x + w_off[u] + ks * 16 * kChunkBytes : zero_addr;
+                  wgmma_16bit_ss_n24_mn_major<T>(
+                      dw[u], dw[u + 1], dw[u + 2], a,
+                      desc_at(b, 8 * kChunkBytes, s.dil_w * kChunkBytes));
+                }
+              }
+            } else {
+#pragma unroll
+              for (int ks = 0; ks < kPix / 16; ++ks) {
+                const uint64_t a = desc_at(stage_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
+#pragma unroll
+                for (int u = 0; u < kMaxWChunks; ++u) {
+                  const uint32_t b =
+                      u < s.chunks ? row_x + w_off[u] + ks * 16 * kChunkBytes : zero_addr;
+                  wgmma_16bit_ss_n8_mn_major<T>(dw[u], a, desc_at(b, 8 * kChunkBytes, kChunkBytes));
+                }
+              }
+            }
+            wgmma_commit();
+          }
+          write_stage<kWeightGrad>(stage, out + row_pix * s.c_out + c_base, s.c_out, pixels,
+                                   groups);
+          if constexpr (kWeightGrad) {
+            wgmma_wait<0>();
+            wgmma_fence_accumulators(dw);
+          }
         }
         __syncthreads();  // the stage is rewritten by the next row
       } else {
