@@ -466,25 +466,28 @@ __global__ void __launch_bounds__(kThreads)
             if (s.kw == 3) {
 #pragma unroll
               for (int ks = 0; ks < kPix / 16; ++ks) {
-                const uint64_t a = desc_at(stage_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
+                const uint64_t a =
+                    desc_mn_major(stage_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
 #pragma unroll
                 for (int u = 0; u < kMaxWChunks; u += 3) {
                   const uint32_t b =
                       u < s.chunks ? row_x + w_off[u] + ks * 16 * kChunkBytes : zero_addr;
                   wgmma_16bit_ss_n24_mn_major<T>(
                       dw[u], dw[u + 1], dw[u + 2], a,
-                      desc_at(b, 8 * kChunkBytes, s.dil_w * kChunkBytes));
+                      desc_mn_major(b, 8 * kChunkBytes, s.dil_w * kChunkBytes));
                 }
               }
             } else {
 #pragma unroll
               for (int ks = 0; ks < kPix / 16; ++ks) {
-                const uint64_t a = desc_at(stage_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
+                const uint64_t a =
+                    desc_mn_major(stage_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
 #pragma unroll
                 for (int u = 0; u < kMaxWChunks; ++u) {
                   const uint32_t b =
                       u < s.chunks ? row_x + w_off[u] + ks * 16 * kChunkBytes : zero_addr;
-                  wgmma_16bit_ss_n8_mn_major<T>(dw[u], a, desc_at(b, 8 * kChunkBytes, kChunkBytes));
+                  wgmma_16bit_ss_n8_mn_major<T>(dw[u], a,
+                                                desc_mn_major(b, 8 * kChunkBytes, kChunkBytes));
                 }
               }
             }

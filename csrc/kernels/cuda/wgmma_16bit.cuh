@@ -25,6 +25,17 @@ __device__ __forceinline__ uint64_t desc_at(uint32_t addr, uint32_t lead_bytes,
          static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32;
 }
 
+// An MN-major (transposed) operand's descriptor from the byte distances between
+// core matrices adjacent in K and in M (or N). Without swizzling the leading
+// byte offset is taken to be the K distance, as for K-major operands;
+// docs/checks/wgmma_transpose_probe.cu tells on the device, and this constant
+// is the one place to change if it says otherwise.
+constexpr bool kMnMajorLeadIsK = true;
+__device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr, uint32_t k_bytes,
+                                                  uint32_t mn_bytes) {
+  return kMnMajorLeadIsK ? desc_at(addr, k_bytes, mn_bytes) : desc_at(addr, mn_bytes, k_bytes);
+}
+
 // A 16-byte asynchronous copy global -> shared, zeros when !valid (src is
 // then not read).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
@@ -136,10 +147,7 @@ __device__ __forceinline__ void wgmma_16bit_ss_n32(float (&d)[4][4], uint64_t a_
 // bytes = 8 consecutive values of M, and B's likewise 8 rows of K with 8
 // values of N. For the weight gradient, where M = output channels and N =
 // input channels are the contiguous dimensions of the staged g_hat and input.
-// Without swizzling, a descriptor's leading byte offset is the distance between
-// core matrices adjacent in K and its stride byte offset the distance between
-// those adjacent in M or N, as for K-major operands
-// (docs/checks/wgmma_transpose_probe.cu checks this on the device).
+// Their descriptors come from desc_mn_major.
 // d[j] = {D[16w+g][8j+2t], D[16w+g][8j+2t+1], D[16w+g+8][8j+2t],
 // D[16w+g+8][8j+2t+1]} for lane (g, t) of warp w: per 8 columns the fragment
 // of an m16n8 mma.sync.
