@@ -39,22 +39,27 @@ __device__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
          static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32;
 }
 
+// Copies the two operand images (bytes, built on the host) into the two
+// halves of shared memory, visible to wgmma; returns their shared addresses.
+__device__ uint2 stage_operands(const uint8_t* a_img, int a_bytes, const uint8_t* b_img,
+                                int b_bytes) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  for (int i = threadIdx.x; i < a_bytes; i += blockDim.x) smem[i] = a_img[i];
+  for (int i = threadIdx.x; i < b_bytes; i += blockDim.x) smem[kSmemBytes / 2 + i] = b_img[i];
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  const auto base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return make_uint2(base, base + kSmemBytes / 2);
+}
+
 // a_img / b_img: the operands' shared-memory images (bytes), built on the host.
 template <int kTransA, int kTransB>
 __global__ void probe_kernel(const uint8_t* a_img, int a_bytes, uint32_t a_lbo, uint32_t a_sbo,
                              const uint8_t* b_img, int b_bytes, uint32_t b_lbo, uint32_t b_sbo,
                              float* d_out) {
-  extern __shared__ __align__(128) uint8_t smem[];
-  uint8_t* a_s = smem;
-  uint8_t* b_s = smem + kSmemBytes / 2;
-  for (int i = threadIdx.x; i < a_bytes; i += blockDim.x) a_s[i] = a_img[i];
-  for (int i = threadIdx.x; i < b_bytes; i += blockDim.x) b_s[i] = b_img[i];
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
-  const uint32_t a_addr = static_cast<uint32_t>(__cvta_generic_to_shared(a_s));
-  const uint32_t b_addr = static_cast<uint32_t>(__cvta_generic_to_shared(b_s));
-  const uint64_t da = make_desc(a_addr, a_lbo, a_sbo);
-  const uint64_t db = make_desc(b_addr, b_lbo, b_sbo);
+  const uint2 addr = stage_operands(a_img, a_bytes, b_img, b_bytes);
+  const uint64_t da = make_desc(addr.x, a_lbo, a_sbo);
+  const uint64_t db = make_desc(addr.y, b_lbo, b_sbo);
   float d[4] = {0.f, 0.f, 0.f, 0.f};
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
   asm volatile(
@@ -156,18 +161,10 @@ bool run(const char* name, const std::vector<float>& a, const std::vector<float>
 // N groups' core matrices overlap. D[m][8q + e] = sum_k A[m][k] * x[k + q][e].
 __global__ void strip_kernel(const uint8_t* a_img, int a_bytes, const uint8_t* x_img, int x_bytes,
                              bool swap, float* d_out) {
-  extern __shared__ __align__(128) uint8_t smem[];
-  uint8_t* a_s = smem;
-  uint8_t* x_s = smem + kSmemBytes / 2;
-  for (int i = threadIdx.x; i < a_bytes; i += blockDim.x) a_s[i] = a_img[i];
-  for (int i = threadIdx.x; i < x_bytes; i += blockDim.x) x_s[i] = x_img[i];
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
-  const uint32_t a_addr = static_cast<uint32_t>(__cvta_generic_to_shared(a_s));
-  const uint32_t x_addr = static_cast<uint32_t>(__cvta_generic_to_shared(x_s));
+  const uint2 addr = stage_operands(a_img, a_bytes, x_img, x_bytes);
   // (K distance, MN distance) as (LBO, SBO), or swapped.
-  const uint64_t da = swap ? make_desc(a_addr, 128, 1024) : make_desc(a_addr, 1024, 128);
-  const uint64_t db = swap ? make_desc(x_addr, 16, 128) : make_desc(x_addr, 128, 16);
+  const uint64_t da = swap ? make_desc(addr.x, 128, 1024) : make_desc(addr.x, 1024, 128);
+  const uint64_t db = swap ? make_desc(addr.y, 16, 128) : make_desc(addr.y, 128, 16);
   float d[12] = {};
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
   asm volatile(
