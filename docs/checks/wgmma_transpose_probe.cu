@@ -11,7 +11,8 @@
 // One warpgroup computes D(64 x 8) = A(64 x 16) * B(16 x 8) in bfloat16 with
 // float32 accumulation, from small integers (exact in bfloat16 and float32),
 // for each operand layout and each reading of LBO / SBO, and prints which
-// readings reproduce the host product exactly.
+// readings reproduce the host product exactly; then the weight gradient's own
+// pattern (strip_kernel) the same way.
 //
 // Core matrices (no swizzle) are 8 x 8 values in 128 contiguous bytes:
 //   K-major:  8 rows of M (or N), each 16 bytes = 8 consecutive K values;
@@ -38,22 +39,27 @@ __device__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
          static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32;
 }
 
+// Copies the two operand images (bytes, built on the host) into the two
+// halves of shared memory, visible to wgmma; returns their shared addresses.
+__device__ uint2 stage_operands(const uint8_t* a_img, int a_bytes, const uint8_t* b_img,
+                                int b_bytes) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  for (int i = threadIdx.x; i < a_bytes; i += blockDim.x) smem[i] = a_img[i];
+  for (int i = threadIdx.x; i < b_bytes; i += blockDim.x) smem[kSmemBytes / 2 + i] = b_img[i];
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  const auto base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return make_uint2(base, base + kSmemBytes / 2);
+}
+
 // a_img / b_img: the operands' shared-memory images (bytes), built on the host.
 template <int kTransA, int kTransB>
 __global__ void probe_kernel(const uint8_t* a_img, int a_bytes, uint32_t a_lbo, uint32_t a_sbo,
                              const uint8_t* b_img, int b_bytes, uint32_t b_lbo, uint32_t b_sbo,
                              float* d_out) {
-  extern __shared__ __align__(128) uint8_t smem[];
-  uint8_t* a_s = smem;
-  uint8_t* b_s = smem + kSmemBytes / 2;
-  for (int i = threadIdx.x; i < a_bytes; i += blockDim.x) a_s[i] = a_img[i];
-  for (int i = threadIdx.x; i < b_bytes; i += blockDim.x) b_s[i] = b_img[i];
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
-  const uint32_t a_addr = static_cast<uint32_t>(__cvta_generic_to_shared(a_s));
-  const uint32_t b_addr = static_cast<uint32_t>(__cvta_generic_to_shared(b_s));
-  const uint64_t da = make_desc(a_addr, a_lbo, a_sbo);
-  const uint64_t db = make_desc(b_addr, b_lbo, b_sbo);
+  const uint2 addr = stage_operands(a_img, a_bytes, b_img, b_bytes);
+  const uint64_t da = make_desc(addr.x, a_lbo, a_sbo);
+  const uint64_t db = make_desc(addr.y, b_lbo, b_sbo);
   float d[4] = {0.f, 0.f, 0.f, 0.f};
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
   asm volatile(
@@ -148,6 +154,87 @@ bool run(const char* name, const std::vector<float>& a, const std::vector<float>
   return bad == 0;
 }
 
+// The weight gradient's own pattern (conv_rows16.cu, kGradOutW): A = g_hat as
+// MN-major core matrices (channel groups 128 bytes apart, pixel groups 1 KB
+// apart), B = an input strip of pixels 16 bytes apart, 8 channels each, read
+// as N = 24 for three tap columns one pixel (16 bytes) apart, so that the three
+// N groups' core matrices overlap. D[m][8q + e] = sum_k A[m][k] * x[k + q][e].
+__global__ void strip_kernel(const uint8_t* a_img, int a_bytes, const uint8_t* x_img, int x_bytes,
+                             bool swap, float* d_out) {
+  const uint2 addr = stage_operands(a_img, a_bytes, x_img, x_bytes);
+  // (K distance, MN distance) as (LBO, SBO), or swapped.
+  const uint64_t da = swap ? make_desc(addr.x, 128, 1024) : make_desc(addr.x, 1024, 128);
+  const uint64_t db = swap ? make_desc(addr.y, 16, 128) : make_desc(addr.y, 128, 16);
+  float d[12] = {};
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n24k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11}, %12, %13, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11])
+      : "l"(da), "l"(db));
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = 16 * warp + lane / 4, c = 2 * (lane % 4);
+  for (int j = 0; j < 3; ++j) {
+    d_out[r * 24 + 8 * j + c] = d[4 * j];
+    d_out[r * 24 + 8 * j + c + 1] = d[4 * j + 1];
+    d_out[(r + 8) * 24 + 8 * j + c] = d[4 * j + 2];
+    d_out[(r + 8) * 24 + 8 * j + c + 1] = d[4 * j + 3];
+  }
+}
+
+bool run_strip(const std::vector<float>& a, bool swap) {
+  // A (64 x 16): element (m, k) at (k / 8) * 1024 + (m / 8) * 128 + (k % 8) * 16 + (m % 8) * 2.
+  const int a_bytes = 2048;
+  std::vector<uint8_t> a_img(a_bytes, 0);
+  for (int m = 0; m < kM; ++m) {
+    for (int k = 0; k < kK; ++k) {
+      const uint16_t bits = to_bf16_bits(a[m * kK + k]);
+      std::memcpy(&a_img[(k / 8) * 1024 + (m / 8) * 128 + (k % 8) * 16 + (m % 8) * 2], &bits, 2);
+    }
+  }
+  // The strip: 18 pixels (16 + two more tap columns) x 8 channels.
+  const int pixels = kK + 2, x_bytes = pixels * 16;
+  std::vector<float> x(pixels * 8);
+  std::vector<uint8_t> x_img(x_bytes, 0);
+  for (int px = 0; px < pixels; ++px) {
+    for (int e = 0; e < 8; ++e) {
+      x[px * 8 + e] = static_cast<float>((px * 3 + e * 5) % 11 - 5);
+      const uint16_t bits = to_bf16_bits(x[px * 8 + e]);
+      std::memcpy(&x_img[px * 16 + e * 2], &bits, 2);
+    }
+  }
+  std::vector<float> want(kM * 24, 0.f);
+  for (int m = 0; m < kM; ++m)
+    for (int n = 0; n < 24; ++n)
+      for (int k = 0; k < kK; ++k) want[m * 24 + n] += a[m * kK + k] * x[(k + n / 8) * 8 + n % 8];
+  uint8_t *a_d, *x_d;
+  float* d_d;
+  CHECK(cudaMalloc(&a_d, a_bytes));
+  CHECK(cudaMalloc(&x_d, x_bytes));
+  CHECK(cudaMalloc(&d_d, kM * 24 * sizeof(float)));
+  CHECK(cudaMemcpy(a_d, a_img.data(), a_bytes, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(x_d, x_img.data(), x_bytes, cudaMemcpyHostToDevice));
+  CHECK(cudaMemset(d_d, 0xFF, kM * 24 * sizeof(float)));
+  strip_kernel<<<1, 128, kSmemBytes>>>(a_d, a_bytes, x_d, x_bytes, swap, d_d);
+  CHECK(cudaGetLastError());
+  CHECK(cudaDeviceSynchronize());
+  std::vector<float> got(kM * 24);
+  CHECK(cudaMemcpy(got.data(), d_d, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  int bad = 0;
+  for (int i = 0; i < kM * 24; ++i) bad += !(got[i] == want[i]);
+  std::printf("%-28s m64n24k16, both MN-major, LBO = %s: %s (%d of %d wrong)\n",
+              "weight-gradient pattern", swap ? "MN stride" : "K stride ", bad ? "no " : "YES", bad,
+              kM * 24);
+  CHECK(cudaFree(a_d));
+  CHECK(cudaFree(x_d));
+  CHECK(cudaFree(d_d));
+  return bad == 0;
+}
+
 }  // namespace
 
 int main() {
@@ -167,5 +254,7 @@ int main() {
   run<0, 1>("B transposed", a, b, want, false, true);
   run<1, 1>("both transposed", a, b, want, false, false);
   run<1, 1>("both transposed", a, b, want, true, true);
+  run_strip(a, false);
+  run_strip(a, true);
   return 0;
 }

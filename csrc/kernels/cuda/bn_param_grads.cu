@@ -135,7 +135,6 @@ ChannelCoefs backward_channel_coefs(const at::Tensor& mean, const at::Tensor& in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   out.center = out.all.narrow(0, 0, channels);
   out.k = out.all.narrow(0, channels, channels);
-  out.s = out.all.select(0, 2 * channels);
   return out;
 }
 

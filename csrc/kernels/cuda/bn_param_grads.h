@@ -14,10 +14,9 @@ namespace fused_conv::cuda {
 
 // Offsets into backward_channel_coefs' result, for C channels.
 struct ChannelCoefs {
-  at::Tensor all;     // float32 [2C + 1]
+  at::Tensor all;     // float32 [2C + 1]: ctr, k, then s = scale * scale_tensor (or scale)
   at::Tensor center;  // [C] view: ctr = mean - bias (mean alone without a bias)
   at::Tensor k;       // [C] view: k = s * gamma * invstd
-  at::Tensor s;       // 0-dim view: s = scale * scale_tensor (or scale)
 };
 
 // mean / invstd: float32 [C]; bias (the conv's, any dtype), bn_weight (gamma)

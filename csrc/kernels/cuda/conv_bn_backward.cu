@@ -88,7 +88,7 @@ __global__ void finalize_grad_kernel(const float* __restrict__ partials, int gri
 // [c_blocks][grid_x][bn][k8] at GEMM column k = r*c_in + ci, rounded once to
 // the weight's dtype. A block takes 32 consecutive columns (one per lane, so a
 // warp reads 128 contiguous bytes of a block's partials) and splits the
-// grid_x partials over its kSlices warps (warp w sums blocks w, w + kSlices,
+// grid_x partials over its kReduceSlices warps (warp w sums blocks w, w + 8,
 // ... in float64); warp 0 then adds the slices in order, so the sum is the same
 // every run. One thread per column summing all grid_x partials took 28 us on
 // the 16-bit reference step: 18 blocks, each thread a chain of 264 loads.
