@@ -67,7 +67,6 @@ constexpr int kThreads = 128;  // one warpgroup
 constexpr int kCo = kRowsChannels;
 constexpr int kPix = kRowsPixels;
 constexpr int kMaxKSteps = 10;   // 20 chunks: K <= 160, the tile kernel's reach
-constexpr int kSlots = 3;        // input ring: the strip in use and two in flight
 constexpr int kChunkBytes = 16;  // 8 channels of one pixel
 constexpr int kStageRow = 144;   // bytes per staged pixel: 64 channels + 16
 constexpr int kStageBytes = kPix * kStageRow;
@@ -78,6 +77,9 @@ constexpr int kCmPixelGroup = 8 * 128;
 static_assert(kPix / 8 * kCmPixelGroup <= kStageBytes, "the core-matrix stage fits the stage");
 constexpr int kZeroBytes = 16 * 128;  // the 16 pixel groups of one core-matrix column
 constexpr int kDefaultRows = 4;       // the strip's halo is re-read (kh-1)/rows times
+#ifndef FUSED_CONV_GRAD_STAGES
+#define FUSED_CONV_GRAD_STAGES 2
+#endif
 [[maybe_unused]] constexpr int kMinWidth = 64;
 [[maybe_unused]] constexpr size_t kMaxSmem = 113 * 1024;  // at least two blocks per multiprocessor
 
@@ -103,10 +105,27 @@ struct Rows16Shape : RowStrips {
   int w_bytes;     // k_steps*2*64*16
 };
 
-// Weights, the ring, the zero region, the output stage (apply), the k-step tables.
-size_t smem_bytes(const Rows16Shape& r, bool apply) {
-  return static_cast<size_t>(r.w_bytes) + static_cast<size_t>(kSlots) * r.slot_bytes + kZeroBytes +
-         (apply ? kStageBytes : 0) + 2 * kMaxKSteps * sizeof(int);
+// The input ring's slots and the [pixel][channel] stages per mode. The forward
+// keeps two strips in flight (3 slots, one stage for the output). The backward
+// modes stream g, 8x the input's bytes for the reference problem: each row's g
+// is copied into a ring of kGradStages stages, kGradStages - 1 rows ahead of
+// the row computed, and each strip's input travels with its first row's g, so
+// kGradStages slots hold every strip between the two.
+constexpr int kGradStages = FUSED_CONV_GRAD_STAGES;
+// Three blocks per multiprocessor fit the shared memory of two stages (and 168
+// registers per thread, within which ptxas keeps the MMAs pipelined).
+constexpr int kGradMinBlocks = kGradStages == 2 ? 3 : 2;
+constexpr bool is_forward(Rows16Mode m) { return m == Rows16Mode::kStats || m == Rows16Mode::kApply; }
+constexpr int ring_slots(Rows16Mode m) { return is_forward(m) ? 3 : kGradStages; }
+constexpr int stage_count(Rows16Mode m) {
+  return m == Rows16Mode::kStats ? 0 : m == Rows16Mode::kApply ? 1 : kGradStages;
+}
+
+// Weights, the ring, the zero region, the stages, the k-step tables.
+size_t smem_bytes(const Rows16Shape& r, Rows16Mode m) {
+  return static_cast<size_t>(r.w_bytes) + static_cast<size_t>(ring_slots(m)) * r.slot_bytes +
+         kZeroBytes + static_cast<size_t>(stage_count(m)) * kStageBytes +
+         2 * kMaxKSteps * sizeof(int);
 }
 
 Rows16Shape make_rows16_shape(const ConvShape& s, int rows) {
@@ -149,7 +168,7 @@ __device__ __forceinline__ void stage_piece(int q, int& px, int& cg) {
   }
 }
 template <bool kCoreMatrices>
-__device__ __forceinline__ int stage_offset(int px, int cg) {
+__host__ __device__ constexpr int stage_offset(int px, int cg) {
   return kCoreMatrices ? (px >> 3) * kCmPixelGroup + cg * 128 + (px & 7) * 16
                        : px * kStageRow + cg * 16;
 }
@@ -196,7 +215,7 @@ __device__ __forceinline__ void copy_strip16(const T* __restrict__ x, const Rows
 #endif
 
 template <typename T, Rows16Mode kMode>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, is_forward(kMode) ? 1 : kGradMinBlocks)
     conv_rows16_kernel(const T* __restrict__ x, const T* __restrict__ w, Rows16Shape s, BnFold f,
                        GradTerms gt, float* __restrict__ partials, T* __restrict__ out) {
 #if FUSED_CONV_WGMMA
@@ -204,13 +223,13 @@ __global__ void __launch_bounds__(kThreads)
   constexpr bool kWeightGrad = kMode == Rows16Mode::kGradOutW;
   constexpr bool kGradOut = kMode == Rows16Mode::kGradOut || kWeightGrad;
   constexpr bool kGrad = kMode == Rows16Mode::kGradStats || kGradOut;
-  constexpr bool kStaged = kMode != Rows16Mode::kStats;  // uses the [pixel][channel] stage
+  constexpr int kSlots = ring_slots(kMode);
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* w_s = smem;
   unsigned char* ring = w_s + s.w_bytes;
   unsigned char* zero = ring + kSlots * s.slot_bytes;
   unsigned char* stage = zero + kZeroBytes;
-  int* step_off = reinterpret_cast<int*>(stage + (kStaged ? kStageBytes : 0));
+  int* step_off = reinterpret_cast<int*>(stage + stage_count(kMode) * kStageBytes);
   int* step_lead = step_off + kMaxKSteps;
   const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   const uint32_t zero_addr = static_cast<uint32_t>(__cvta_generic_to_shared(zero));
@@ -225,19 +244,83 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t step = gridDim.x;
   const int row_bytes = s.staged_w * kChunkBytes;
 
-  const auto copy = [&](int64_t strip, int slot) {
+  const T* __restrict__ grad = static_cast<const T*>(gt.grad);
+  const int groups = min(8, (s.c_out - c_base) / 8);  // the block's 8-channel groups
+  // A strip's image n, first output row oh0 and first output column ow0.
+  const auto origin = [&](int64_t strip, int64_t& n, int& oh0, int& ow0) {
     const int64_t row_tile = strip / s.tiles_w;
-    const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
-    const int64_t n = row_tile / s.strips_h;
-    const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
+    ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
+    n = row_tile / s.strips_h;
+    oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
+  };
+  const auto copy = [&](int64_t strip, int slot) {
+    int64_t n;
+    int oh0, ow0;
+    origin(strip, n, oh0, ow0);
     copy_strip16<T>(x, s, n, oh0 - s.pad_h, ow0 - s.pad_w, ring_addr + slot * s.slot_bytes);
   };
-  // The first kSlots - 1 strips' copies fly while the weights are staged. One
-  // commit per strip, empty or not, keeps the group count uniform.
+  // kGrad: row r of a strip's g into stage `buf`, at the pieces' stage offsets
+  // (zeros past the tile's pixels and the block's channels).
+  const auto copy_grad = [&](int64_t strip, int r, int buf) {
+    int64_t n;
+    int oh0, ow0;
+    origin(strip, n, oh0, ow0);
+    const int64_t row_pix = (n * s.h_out + oh0 + r) * s.w_out + ow0;
+    const int pixels = min(s.w_out - ow0, kPix);
+    // Piece threadIdx.x + i*kThreads is this thread's first pixel + 16 i, in
+    // the same channel group, in either stage layout.
+    static_assert(kThreads == 8 * 16, "piece threadIdx.x + i*kThreads is pixel + 16 i");
+    int px, cg;
+    stage_piece<kWeightGrad>(threadIdx.x, px, cg);
+    const uint32_t dst = stage_addr + buf * kStageBytes + stage_offset<kWeightGrad>(px, cg);
+    constexpr int kPieceStride = stage_offset<kWeightGrad>(16, 0);
+    const T* src = grad + (row_pix + px) * s.c_out + c_base + 8 * cg;
+    const int64_t src_stride = 16 * static_cast<int64_t>(s.c_out);
 #pragma unroll
-  for (int i = 0; i < kSlots - 1; ++i) {
-    if (blockIdx.x + i * step < s.strips) copy(blockIdx.x + i * step, i);
+    for (int i = 0; i < kPix * 8 / kThreads; ++i) {
+      const bool inside = px + 16 * i < pixels && cg < groups;
+      cp_async_16(dst + i * kPieceStride, inside ? src + i * src_stride : grad, inside);
+    }
+  };
+  // kGrad: the prefetch cursor, the row whose g is copied next (strip pf_strip,
+  // the pf_slot-th slot, row pf_r of pf_rows) and its stage (the rows' stages
+  // and the strips' slots are used in turn). One commit per row, empty or not,
+  // keeps the group count uniform.
+  const auto strip_rows = [&](int64_t strip) {
+    int64_t n;
+    int oh0, ow0;
+    origin(strip, n, oh0, ow0);
+    return min(s.rows, s.h_out - oh0);
+  };
+  int64_t pf_strip = blockIdx.x;
+  int pf_r = 0, pf_slot = 0, pf_stage = 0;
+  int pf_rows = kGrad && pf_strip < s.strips ? strip_rows(pf_strip) : 0;
+  const auto prefetch_row = [&]() {
+    if (pf_strip < s.strips) {
+      if (pf_r == 0) copy(pf_strip, pf_slot);
+      copy_grad(pf_strip, pf_r, pf_stage);
+      if (++pf_r == pf_rows) {
+        pf_r = 0;
+        pf_strip += step;
+        pf_slot = pf_slot == kSlots - 1 ? 0 : pf_slot + 1;
+        pf_rows = pf_strip < s.strips ? strip_rows(pf_strip) : 0;
+      }
+    }
+    pf_stage = pf_stage == kGradStages - 1 ? 0 : pf_stage + 1;
     cp_async_commit();
+  };
+  // The first copies fly while the weights are staged: forward, the first
+  // kSlots - 1 strips (one commit per strip); kGrad, the first kGradStages - 1
+  // rows.
+  if constexpr (kGrad) {
+#pragma unroll
+    for (int i = 0; i < kGradStages - 1; ++i) prefetch_row();
+  } else {
+#pragma unroll
+    for (int i = 0; i < kSlots - 1; ++i) {
+      if (blockIdx.x + i * step < s.strips) copy(blockIdx.x + i * step, i);
+      cp_async_commit();
+    }
   }
 
   // Weights, element (k-step ks, k-half kc, channel co, e) = chunk u = 2ks + kc
@@ -307,28 +390,27 @@ __global__ void __launch_bounds__(kThreads)
   // kGradStats: this thread's running sums of g, g*(y - ctr), y - ctr per
   // channel (each row's float32 sums added in float64).
   double gs_g[2] = {0.0, 0.0}, gs_gy[2] = {0.0, 0.0}, gs_y[2] = {0.0, 0.0};
-  const T* __restrict__ grad = static_cast<const T*>(gt.grad);
-  const int groups = min(8, (s.c_out - c_base) / 8);  // the block's 8-channel groups
   // Not initialised: a row's first MMA has scale-d = 0 (ks == 0), and zeroing
   // instructions near the MMAs would make ptxas serialize them (C7515).
   float acc[16][4];
 
-  int slot = 0;
+  int slot = 0, buf = 0;
   for (int64_t strip = blockIdx.x; strip < s.strips; strip += step) {
-    const int64_t row_tile = strip / s.tiles_w;
-    const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
-    const int64_t n = row_tile / s.strips_h;
-    const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
-    // This strip's copies (all but the newest group) have landed for this
-    // thread; the fence hands them to the async proxy, the barrier makes
-    // everyone's visible, and every warp has retired the previous strip's MMAs
-    // (wait_group 0 per row), so its slot may be refilled.
-    cp_async_wait<kSlots - 2>();
-    fence_proxy_async_shared();
-    __syncthreads();
-    const int refill = slot == 0 ? kSlots - 1 : slot - 1;
-    if (strip + (kSlots - 1) * step < s.strips) copy(strip + (kSlots - 1) * step, refill);
-    cp_async_commit();
+    int64_t n;
+    int oh0, ow0;
+    origin(strip, n, oh0, ow0);
+    if constexpr (!kGrad) {
+      // This strip's copies (all but the newest group) have landed for this
+      // thread; the fence hands them to the async proxy, the barrier makes
+      // everyone's visible, and every warp has retired the previous strip's
+      // MMAs (wait_group 0 per row), so its slot may be refilled.
+      cp_async_wait<kSlots - 2>();
+      fence_proxy_async_shared();
+      __syncthreads();
+      const int refill = slot == 0 ? kSlots - 1 : slot - 1;
+      if (strip + (kSlots - 1) * step < s.strips) copy(strip + (kSlots - 1) * step, refill);
+      cp_async_commit();
+    }
 
     const int rows = min(s.rows, s.h_out - oh0);
     const int lim = s.w_out - ow0;             // valid pixels of the tile (may exceed 128)
@@ -338,20 +420,18 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t slot_addr = ring_addr + slot * s.slot_bytes;
     for (int r = 0; r < rows; ++r) {
       const int64_t row_pix = (n * s.h_out + oh0 + r) * s.w_out + ow0;  // NHWC pixel index
-      // kGrad: this thread's pieces of the row's g (zeros outside), loaded
-      // before the MMAs so that their latency runs under them.
-      uint4 g_pieces[kPix * 8 / kThreads];
       if constexpr (kGrad) {
-#pragma unroll
-        for (int i = 0; i < kPix * 8 / kThreads; ++i) {
-          int px, cg;
-          stage_piece<kWeightGrad>(threadIdx.x + i * kThreads, px, cg);
-          g_pieces[i] = px < pixels && cg < groups
-                            ? __ldcs(reinterpret_cast<const uint4*>(
-                                  grad + (row_pix + px) * s.c_out + c_base + 8 * cg))
-                            : make_uint4(0, 0, 0, 0);
-        }
+        // The row kGradStages - 1 ahead, into the stage (and, at its strip's
+        // first row, the slot) that the previous row read and every warp has
+        // left. Then all but the newest kGradStages - 1 groups have landed:
+        // this row's g and its strip. The fence hands them to the async proxy.
+        prefetch_row();
+        cp_async_wait<kGradStages - 1>();
+        fence_proxy_async_shared();
+        __syncthreads();
       }
+      unsigned char* const stage_r = stage + buf * kStageBytes;  // this row's stage
+      const uint32_t stage_r_addr = stage_addr + buf * kStageBytes;
       wgmma_fence();
       for (int ks = 0; ks < s.k_steps; ++ks) {
         const uint32_t b0 = slot_addr + step_off[ks] + r * row_bytes;
@@ -378,23 +458,16 @@ __global__ void __launch_bounds__(kThreads)
                                  fmaf(fa[p], acc[jm][2 * p + 1], fd[p]));
           }
           const int px = 8 * (j + (m >> 1)) + i, ch = 16 * warp + 8 * (m & 1);
-          stmatrix_x4_trans(stage_addr + px * kStageRow + ch * 2, v[0], v[1], v[2], v[3]);
+          stmatrix_x4_trans(stage_r_addr + px * kStageRow + ch * 2, v[0], v[1], v[2], v[3]);
         }
         __syncthreads();
-        write_stage<false>(stage, out + row_pix * s.c_out + c_base, s.c_out, pixels, groups);
+        write_stage<false>(stage_r, out + row_pix * s.c_out + c_base, s.c_out, pixels, groups);
         __syncthreads();  // the stage is rewritten by the next row
       } else if constexpr (kGrad) {
-        // g's pieces into the stage, then back as fragments by ldmatrix.trans
-        // (the stmatrix mapping in reverse): g at exactly the accumulators'
-        // (channel, pixel) positions. Each warp then reads (and, kGradOut,
-        // rewrites in place) only its own 16 channels of the stage.
-#pragma unroll
-        for (int i = 0; i < kPix * 8 / kThreads; ++i) {
-          int px, cg;
-          stage_piece<kWeightGrad>(threadIdx.x + i * kThreads, px, cg);
-          *reinterpret_cast<uint4*>(stage + stage_offset<kWeightGrad>(px, cg)) = g_pieces[i];
-        }
-        __syncthreads();
+        // g's pieces, copied into the stage, read back as fragments by
+        // ldmatrix.trans (the stmatrix mapping in reverse): g at exactly the
+        // accumulators' (channel, pixel) positions. Each warp reads (and,
+        // kGradOut, rewrites in place) only its own 16 channels of the stage.
         const int m = lane >> 3, i = lane & 7;
         float row_g[2] = {0.f, 0.f}, row_gy[2] = {0.f, 0.f}, row_y[2] = {0.f, 0.f};
         // kGradOut: this lane's first pair key of the row, and the offset's
@@ -406,7 +479,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < 16; j += 2) {
           const uint32_t addr =
-              stage_addr + stage_offset<kWeightGrad>(8 * (j + (m >> 1)) + i, 2 * warp + (m & 1));
+              stage_r_addr + stage_offset<kWeightGrad>(8 * (j + (m >> 1)) + i, 2 * warp + (m & 1));
           uint32_t gr[4];
           ldmatrix_x4_trans(addr, gr[0], gr[1], gr[2], gr[3]);
           uint32_t v[4];
@@ -467,7 +540,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
               for (int ks = 0; ks < kPix / 16; ++ks) {
                 const uint64_t a =
-                    desc_mn_major(stage_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
+                    desc_mn_major(stage_r_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
 #pragma unroll
                 for (int u = 0; u < kMaxWChunks; u += 3) {
                   const uint32_t b =
@@ -481,7 +554,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
               for (int ks = 0; ks < kPix / 16; ++ks) {
                 const uint64_t a =
-                    desc_mn_major(stage_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
+                    desc_mn_major(stage_r_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
 #pragma unroll
                 for (int u = 0; u < kMaxWChunks; ++u) {
                   const uint32_t b =
@@ -493,17 +566,18 @@ __global__ void __launch_bounds__(kThreads)
             }
             wgmma_commit();
           }
-          write_stage<kWeightGrad>(stage, out + row_pix * s.c_out + c_base, s.c_out, pixels,
+          write_stage<kWeightGrad>(stage_r, out + row_pix * s.c_out + c_base, s.c_out, pixels,
                                    groups);
           if constexpr (kWeightGrad) {
             wgmma_wait<0>();
             wgmma_fence_accumulators(dw);
           }
         }
-        __syncthreads();  // the stage is rewritten by the next row
+        __syncthreads();  // the stage and slot are refilled by the next row
       } else {
         stats.add_row(acc, valid, cnt, inv);
       }
+      if constexpr (kGrad) buf = buf == kGradStages - 1 ? 0 : buf + 1;
     }
     slot = slot == kSlots - 1 ? 0 : slot + 1;
   }
@@ -559,7 +633,7 @@ template <typename T, Rows16Mode kMode>
 int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f,
                   const GradTerms& gt, float* partials, T* out, bool dry_run) {
   auto kernel = conv_rows16_kernel<T, kMode>;
-  const size_t smem = smem_bytes(r, kMode != Rows16Mode::kStats);
+  const size_t smem = smem_bytes(r, kMode);
   const int grid_x =
       row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads, smem, r.c_out, r.strips);
   if (!dry_run) {
@@ -620,7 +694,7 @@ bool conv_rows16_supports(const ConvShape& s, const at::Tensor& x, int device) {
   }
   if (compute_capability_major(device) != 9) return false;
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
-  const size_t bytes = smem_bytes(r, true);
+  const size_t bytes = std::max(smem_bytes(r, Rows16Mode::kApply), smem_bytes(r, Rows16Mode::kGradOutW));
   return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
          bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
 #endif
