@@ -27,23 +27,26 @@
 //
 // A block is one warpgroup, persistent over strips of `rows` output rows of one
 // image and one column tile; the input arrives by 16-byte cp.async (zero fill
-// outside the image) into a 3-slot ring, two strips ahead. Per output row the
+// outside the image) into a ring of slots: forward, 3 slots, two strips ahead;
+// backward, 2 slots, each strip travelling with its first row's g. Per output row the
 // warpgroup issues ceil(K / 16) MMAs (5 for 3x3 x 8 channels), waits, then:
 //   statistics: folds the row into per-thread Chan summaries (rows_statistics.cuh);
 //   apply: a*acc + d rounded to 16 bits, written by stmatrix.trans into an
 //     [pixel][64 channels] stage (rows 144 bytes apart: 8 consecutive pixels in
 //     distinct banks), then the block writes the stage as 16-byte pieces, which
 //     for C_out = 64 is one contiguous run of W_out*128 bytes of the output.
-//   backward (kGradStats, kGradOut): the same stage holds the row's g, read
-//     back by ldmatrix.trans at the accumulators' positions; kGradOut rewrites
-//     it with g_hat and writes it out like apply.
+//   backward (kGradStats, kGradOut): a stage holds the row's g, copied there
+//     by cp.async while the row before was computed (two stages, in turn),
+//     read back by ldmatrix.trans at the accumulators' positions; kGradOut
+//     rewrites it with g_hat and writes it out like apply.
 //   kGradOutW: the stage is laid out as MN-major core matrices instead, so
 //     that it is the A operand (64 channels x 128 pixels) of the weight
 //     gradient's warpgroup MMAs, whose B operand is the staged strip itself
 //     (pixels 16 bytes apart, 8 input channels each): per 16 pixels three
 //     m64n24k16 for a 3-wide kernel (one per chunk triple (p, r, q = 0..2)),
 //     else one m64n8k16 per chunk.
-// Shared memory ~68 KB for the reference problem: 3 blocks per multiprocessor.
+// Shared memory for the reference problem: ~68 KB forward, ~73 KB backward;
+// 3 blocks per multiprocessor.
 #include "kernels/cuda/conv_rows16.h"
 
 #include <ATen/ATen.h>
@@ -77,9 +80,6 @@ constexpr int kCmPixelGroup = 8 * 128;
 static_assert(kPix / 8 * kCmPixelGroup <= kStageBytes, "the core-matrix stage fits the stage");
 constexpr int kZeroBytes = 16 * 128;  // the 16 pixel groups of one core-matrix column
 constexpr int kDefaultRows = 4;       // the strip's halo is re-read (kh-1)/rows times
-#ifndef FUSED_CONV_GRAD_STAGES
-#define FUSED_CONV_GRAD_STAGES 2
-#endif
 [[maybe_unused]] constexpr int kMinWidth = 64;
 [[maybe_unused]] constexpr size_t kMaxSmem = 113 * 1024;  // at least two blocks per multiprocessor
 
@@ -111,11 +111,16 @@ struct Rows16Shape : RowStrips {
 // is copied into a ring of kGradStages stages, kGradStages - 1 rows ahead of
 // the row computed, and each strip's input travels with its first row's g, so
 // kGradStages slots hold every strip between the two.
-constexpr int kGradStages = FUSED_CONV_GRAD_STAGES;
-// Three blocks per multiprocessor fit the shared memory of two stages (and 168
-// registers per thread, within which ptxas keeps the MMAs pipelined).
-constexpr int kGradMinBlocks = kGradStages == 2 ? 3 : 2;
-constexpr bool is_forward(Rows16Mode m) { return m == Rows16Mode::kStats || m == Rows16Mode::kApply; }
+// Two stages (one row ahead) measured faster than three (two rows ahead, two
+// blocks per multiprocessor): 0.31 against 0.35 ms for g_hat's pass of the
+// reference problem. Three blocks per multiprocessor fit the shared memory of
+// two stages, and 168 registers per thread (a few bytes spill), within which
+// ptxas still keeps the MMAs pipelined.
+constexpr int kGradStages = 2;
+constexpr int kGradMinBlocks = 3;
+constexpr bool is_forward(Rows16Mode m) {
+  return m == Rows16Mode::kStats || m == Rows16Mode::kApply;
+}
 constexpr int ring_slots(Rows16Mode m) { return is_forward(m) ? 3 : kGradStages; }
 constexpr int stage_count(Rows16Mode m) {
   return m == Rows16Mode::kStats ? 0 : m == Rows16Mode::kApply ? 1 : kGradStages;
@@ -694,7 +699,8 @@ bool conv_rows16_supports(const ConvShape& s, const at::Tensor& x, int device) {
   }
   if (compute_capability_major(device) != 9) return false;
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
-  const size_t bytes = std::max(smem_bytes(r, Rows16Mode::kApply), smem_bytes(r, Rows16Mode::kGradOutW));
+  const size_t bytes =
+      std::max(smem_bytes(r, Rows16Mode::kApply), smem_bytes(r, Rows16Mode::kGradOutW));
   return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
          bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
 #endif
