@@ -173,6 +173,7 @@ ROWS16_SHAPES = [
     (1, 24, 6, 67, 24, 1, 1, 1, 1),  # a zero-paired k-step, C_out < 64, odd W_out
     (1, 8, 6, 129, 72, 1, 1, 0, 1),  # a 1-pixel second column tile, an 8-channel block
     (1, 16, 6, 70, 32, 3, 1, 1, 1),  # 18 chunks: g_hat's pass without the weight gradient
+    (1, 8, 8, 70, 64, 3, 1, 2, 2),  # 3x3, dilation 2: the weight gradient's N = 24 stride
 ]
 
 

@@ -11,10 +11,10 @@ swizzle (element (row, k) at start + (row / 8) * SBO + (k / 8) * LBO + (row % 8)
 (k % 8) * 2 bytes), multiplies in float64, runs the epilogue's fragment -> stmatrix.trans ->
 16-byte piece mapping (and the backward's ldmatrix.trans read of the same stage back into
 fragments), and compares the output rows with a direct convolution. Where K <= 9 chunks it
-also runs kGradOutW's weight gradient (accumulator pairs as m16n8k16 A fragments, masked to
-valid pixels; B by ldmatrix.trans from the staged input; the partials' layout and
-reduce_weight_grad_kernel's read) and compares it with conv2d_weight. Shapes: the
-reference problem's, C_in 16 and 24 (an odd chunk count), padding, dilation, 1x1 and 2x2
+also runs kGradOutW's weight gradient (g_hat masked to valid pixels in a stage of MN-major
+core matrices; warpgroup MMAs with both operands MN-major, B the staged input itself; the
+partials' layout and reduce_weight_grad_kernel's read) and compares it with conv2d_weight.
+Shapes: the reference problem's, C_in 16 and 24 (an odd chunk count), padding, dilation, 1x1 and 2x2
 kernels, C_out < 64 and a second channel block. Run: python docs/checks/rows16_layout.py.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 CO, PIX, CHUNK, SLOTS, STAGE_ROW, ZERO = 64, 128, 16, 3, 144, 16 * 128
+CM_PIXEL_GROUP = 8 * 128  # kGradOutW's stage: bytes per 8-pixel group of core matrices
 MAX_W_CHUNKS = 9  # kGradOutW's weight gradient: K <= 9 chunks of 8 channels
 
 
@@ -62,7 +63,7 @@ def check(n, c_in, h, w, c_out, kh, kw, pad, dil, rows=4, seed=0):
     # standing in for g_hat (the mapping is what is checked)
     partials = torch.zeros(c_blocks, CO, taps * c_in, dtype=torch.float64)
     for cb in range(c_blocks):
-        dw = {}  # (warp, u, lane) -> the lane's 4 accumulators
+        dw = {}  # chunk u -> its [64 channels][8 input channels] accumulator columns
         mem = torch.zeros((zero0 + ZERO) // 2, dtype=torch.float64)  # 2-byte units
         for i in range(k_steps * 2 * CO * 8):  # the kernel's weight staging loop
             u, co, e = i // (CO * 8), (i >> 3) & (CO - 1), i & 7
@@ -94,7 +95,9 @@ def check(n, c_in, h, w, c_out, kh, kw, pad, dil, rows=4, seed=0):
                 lim = min(w_out - ow0, PIX)
                 if fused_dw:
                     row_base = base + r * staged_w * CHUNK
-                    weight_grad_row(mem, row_base, w_off, chunks, d, w_out - ow0, dw)
+                    weight_grad_row(
+                        mem, row_base, w_off, chunks, d, w_out - ow0, dw, kw, dil, zero0
+                    )
                 piece_out = epilogue(d)  # [pixel][64 channels] as the stage holds it
                 groups = min(8, (c_out - cb * CO) // 8)
                 for q in range(lim * 8):  # the block's 16-byte pieces
@@ -102,13 +105,10 @@ def check(n, c_in, h, w, c_out, kh, kw, pad, dil, rows=4, seed=0):
                     if cg < groups:
                         c0 = cb * CO + 8 * cg
                         out[ni, oh0 + r, ow0 + px, c0 : c0 + 8] = piece_out[px, 8 * cg : 8 * cg + 8]
-        for (warp, u, lane), acc in dw.items():  # the kernel's partial write
-            gq, t = divmod(lane, 4)
-            p, tap = divmod(u, taps)
-            col = tap * c_in + 8 * p + 2 * t
-            cl = 16 * warp + gq
-            partials[cb, cl, col], partials[cb, cl, col + 1] = acc[0], acc[1]
-            partials[cb, cl + 8, col], partials[cb, cl + 8, col + 1] = acc[2], acc[3]
+        for u, acc in dw.items():  # the kernel's partial write (chunk u's 8 columns)
+            if u < chunks:
+                p, tap = divmod(u, taps)
+                partials[cb, :, tap * c_in + 8 * p : tap * c_in + 8 * p + 8] = acc
     ref_nhwc = ref.permute(0, 2, 3, 1)
     assert not torch.isnan(out).any(), "an output element was never written"
     err = ((out - ref_nhwc).norm() / ref_nhwc.norm()).item()
@@ -127,55 +127,44 @@ def check(n, c_in, h, w, c_out, kh, kw, pad, dil, rows=4, seed=0):
     return err
 
 
-def weight_grad_row(mem, row_base, w_off, chunks, d, lim, dw):
-    """kGradOutW's epilogue for one output row: per warp and 16-pixel step j, the A fragment
-    from the accumulators' (channel, pixel) pairs masked to pixels < lim, B fragments by
-    ldmatrix.x4.trans from the staged input (lane 8m + i: pixel 8(j + m % 2) + i of chunk
-    u + m // 2), mma.m16n8k16 per chunk, accumulated per lane."""
-    for warp in range(4):
-        for j in range(0, 16, 2):
-            a_mat = torch.empty(16, 16, dtype=torch.float64)  # the A the fragments describe
-            for lane in range(32):
-                gq, t = divmod(lane, 4)
-                for mm in range(4):
-                    jm, p = j + (mm >> 1), mm & 1
-                    c = 16 * warp + gq + 8 * p
-                    vals = []
-                    for e in range(2):
-                        px = 8 * jm + 2 * t + e
-                        vals.append(d[c, px].item() if px < lim else 0.0)
-                    # a0 = (row g, k 2t..), a1 = (g + 8, 2t..), a2 = (g, 2t + 8..), a3 = ...
-                    row, k0 = gq + 8 * (mm & 1), 2 * t + 8 * (mm >> 1)
-                    a_mat[row, k0], a_mat[row, k0 + 1] = vals
-            for u in range(0, MAX_W_CHUNKS, 2):
-                if u >= chunks:
-                    continue
-                rows16 = {}  # matrix m, row i -> 8 values at lane 8m + i's address
-                for lane in range(32):
-                    m, i = lane >> 3, lane & 7
-                    off = w_off[u + 1] if (m >> 1) else w_off[u]
-                    addr = row_base + off + (8 * (j + (m & 1)) + i) * CHUNK
-                    rows16[m, i] = mem[addr // 2 : addr // 2 + 8]
-                for uu in (u, u + 1):
-                    if uu >= chunks:
-                        continue
-                    mb = 2 * (uu - u)  # registers 0, 1 (chunk u) or 2, 3 (chunk u + 1)
-                    b_mat = torch.empty(16, 8, dtype=torch.float64)
-                    for lane in range(32):
-                        gq, t = divmod(lane, 4)
-                        for reg in range(2):  # ldmatrix.trans: rows 2t, 2t + 1 at column g
-                            m = mb + reg
-                            k0 = 2 * t + 8 * reg
-                            b_mat[k0, gq] = rows16[m, 2 * t][gq]
-                            b_mat[k0 + 1, gq] = rows16[m, 2 * t + 1][gq]
-                    prod = a_mat @ b_mat
-                    for lane in range(32):
-                        gq, t = divmod(lane, 4)
-                        acc = dw.setdefault((warp, uu, lane), [0.0] * 4)
-                        acc[0] += prod[gq, 2 * t].item()
-                        acc[1] += prod[gq, 2 * t + 1].item()
-                        acc[2] += prod[gq + 8, 2 * t].item()
-                        acc[3] += prod[gq + 8, 2 * t + 1].item()
+def weight_grad_row(mem, row_base, w_off, chunks, d, lim, dw, kw, dil, zero0):
+    """kGradOutW's weight gradient for one output row: g_hat (here d) masked to pixels < lim
+    in the core-matrix stage (stage_offset), then per 16-pixel k-step the warpgroup MMAs with
+    both operands MN-major: A = the stage's two pixel groups (LBO = 1 KB between pixel groups,
+    SBO = 128 bytes between channel groups), B = the staged strip at chunk u's offset (LBO =
+    128 bytes between 8-pixel groups, SBO = dil * 16 bytes between tap columns): m64n24k16
+    per chunk triple for kw = 3, else m64n8k16 per chunk; chunks past the last read the zero
+    region."""
+    stage = torch.full(((PIX // 8) * CM_PIXEL_GROUP // 2,), float("nan"), dtype=torch.float64)
+    for px in range(PIX):
+        for c in range(CO):
+            stage[(stage_offset_cm(px, c // 8) + (c % 8) * 2) // 2] = d[c, px] if px < lim else 0.0
+    for ks in range(PIX // 16):
+        a = mn_major_operand(stage, ks * 2 * CM_PIXEL_GROUP, CM_PIXEL_GROUP, 128, CO)
+        step = 3 if kw == 3 else 1
+        for u in range(0, MAX_W_CHUNKS, step):
+            start = row_base + w_off[u] + ks * 16 * CHUNK if u < chunks else zero0
+            b = mn_major_operand(mem, start, 8 * CHUNK, (dil if step == 3 else 1) * CHUNK, 8 * step)
+            prod = a @ b.T  # [64 channels][8 * step columns]
+            for q in range(step):
+                dw[u + q] = dw.get(u + q, 0.0) + prod[:, 8 * q : 8 * q + 8]
+
+
+def stage_offset_cm(px, cg):
+    """conv_rows16.cu's stage_offset for kGradOutW: MN-major core matrices."""
+    return (px >> 3) * CM_PIXEL_GROUP + cg * 128 + (px & 7) * 16
+
+
+def mn_major_operand(mem, start, lead, stride, rows):
+    """A (rows x 16) MN-major operand through the descriptor addressing assumed for 16-bit
+    operands without swizzle (docs/checks/wgmma_transpose_probe.cu checks it on the device):
+    element (mn, k) at start + (k / 8) * LBO + (mn / 8) * SBO + (k % 8) * 16 + (mn % 8) * 2."""
+    mn = torch.arange(rows).view(-1, 1)
+    k = torch.arange(16).view(1, -1)
+    addr = start + (k // 8) * lead + (mn // 8) * stride + (k % 8) * 16 + (mn % 8) * 2
+    vals = mem[addr // 2]
+    assert not torch.isnan(vals).any(), "an MMA operand read an unwritten byte"
+    return vals
 
 
 def operand(mem, start, lead, stride, rows):
@@ -245,6 +234,7 @@ if __name__ == "__main__":
         (1, 24, 5, 66, 32, 3, 3, 1, 1),  # 27 chunks: the zero pairing; C_out < 64
         (1, 8, 5, 140, 72, 1, 1, 0, 1),  # 1x1: one zero-paired chunk; 2 tiles, 2 channel blocks
         (1, 8, 9, 72, 16, 2, 2, 1, 2),  # an even kernel with dilation
+        (1, 8, 9, 75, 64, 3, 3, 2, 2),  # 3x3 with dilation: the fused weight gradient's SBO
     ]
     for case in cases:
         print(case, f"rel. error {check(*case):.1e}")

@@ -27,14 +27,26 @@
 //
 // A block is one warpgroup, persistent over strips of `rows` output rows of one
 // image and one column tile; the input arrives by 16-byte cp.async (zero fill
-// outside the image) into a 3-slot ring, two strips ahead. Per output row the
+// outside the image) into a ring of slots: forward, 3 slots, two strips ahead;
+// backward, 2 slots, each strip travelling with its first row's g. Per output row the
 // warpgroup issues ceil(K / 16) MMAs (5 for 3x3 x 8 channels), waits, then:
 //   statistics: folds the row into per-thread Chan summaries (rows_statistics.cuh);
 //   apply: a*acc + d rounded to 16 bits, written by stmatrix.trans into an
 //     [pixel][64 channels] stage (rows 144 bytes apart: 8 consecutive pixels in
 //     distinct banks), then the block writes the stage as 16-byte pieces, which
 //     for C_out = 64 is one contiguous run of W_out*128 bytes of the output.
-// Shared memory ~68 KB for the reference problem: 3 blocks per multiprocessor.
+//   backward (kGradStats, kGradOut): a stage holds the row's g, copied there
+//     by cp.async while the row before was computed (two stages, in turn),
+//     read back by ldmatrix.trans at the accumulators' positions; kGradOut
+//     rewrites it with g_hat and writes it out like apply.
+//   kGradOutW: the stage is laid out as MN-major core matrices instead, so
+//     that it is the A operand (64 channels x 128 pixels) of the weight
+//     gradient's warpgroup MMAs, whose B operand is the staged strip itself
+//     (pixels 16 bytes apart, 8 input channels each): per 16 pixels three
+//     m64n24k16 for a 3-wide kernel (one per chunk triple (p, r, q = 0..2)),
+//     else one m64n8k16 per chunk.
+// Shared memory for the reference problem: ~68 KB forward, ~73 KB backward;
+// 3 blocks per multiprocessor.
 #include "kernels/cuda/conv_rows16.h"
 
 #include <ATen/ATen.h>
@@ -58,10 +70,14 @@ constexpr int kThreads = 128;  // one warpgroup
 constexpr int kCo = kRowsChannels;
 constexpr int kPix = kRowsPixels;
 constexpr int kMaxKSteps = 10;   // 20 chunks: K <= 160, the tile kernel's reach
-constexpr int kSlots = 3;        // input ring: the strip in use and two in flight
 constexpr int kChunkBytes = 16;  // 8 channels of one pixel
 constexpr int kStageRow = 144;   // bytes per staged pixel: 64 channels + 16
 constexpr int kStageBytes = kPix * kStageRow;
+// kGradOutW stages g_hat as the weight-gradient MMA's A operand instead:
+// MN-major core matrices (8 pixels x 8 channels, 128 bytes), the 8 channel
+// groups of a pixel group 128 bytes apart, pixel groups 1 KB apart (16 KB).
+constexpr int kCmPixelGroup = 8 * 128;
+static_assert(kPix / 8 * kCmPixelGroup <= kStageBytes, "the core-matrix stage fits the stage");
 constexpr int kZeroBytes = 16 * 128;  // the 16 pixel groups of one core-matrix column
 constexpr int kDefaultRows = 4;       // the strip's halo is re-read (kh-1)/rows times
 [[maybe_unused]] constexpr int kMinWidth = 64;
@@ -89,10 +105,32 @@ struct Rows16Shape : RowStrips {
   int w_bytes;     // k_steps*2*64*16
 };
 
-// Weights, the ring, the zero region, the output stage (apply), the k-step tables.
-size_t smem_bytes(const Rows16Shape& r, bool apply) {
-  return static_cast<size_t>(r.w_bytes) + static_cast<size_t>(kSlots) * r.slot_bytes + kZeroBytes +
-         (apply ? kStageBytes : 0) + 2 * kMaxKSteps * sizeof(int);
+// The input ring's slots and the [pixel][channel] stages per mode. The forward
+// keeps two strips in flight (3 slots, one stage for the output). The backward
+// modes stream g, 8x the input's bytes for the reference problem: each row's g
+// is copied into a ring of kGradStages stages, kGradStages - 1 rows ahead of
+// the row computed, and each strip's input travels with its first row's g, so
+// kGradStages slots hold every strip between the two.
+// Two stages (one row ahead) measured faster than three (two rows ahead, two
+// blocks per multiprocessor): 0.31 against 0.35 ms for g_hat's pass of the
+// reference problem. Three blocks per multiprocessor fit the shared memory of
+// two stages, and 168 registers per thread (a few bytes spill), within which
+// ptxas still keeps the MMAs pipelined.
+constexpr int kGradStages = 2;
+constexpr int kGradMinBlocks = 3;
+constexpr bool is_forward(Rows16Mode m) {
+  return m == Rows16Mode::kStats || m == Rows16Mode::kApply;
+}
+constexpr int ring_slots(Rows16Mode m) { return is_forward(m) ? 3 : kGradStages; }
+constexpr int stage_count(Rows16Mode m) {
+  return m == Rows16Mode::kStats ? 0 : m == Rows16Mode::kApply ? 1 : kGradStages;
+}
+
+// Weights, the ring, the zero region, the stages, the k-step tables.
+size_t smem_bytes(const Rows16Shape& r, Rows16Mode m) {
+  return static_cast<size_t>(r.w_bytes) + static_cast<size_t>(ring_slots(m)) * r.slot_bytes +
+         kZeroBytes + static_cast<size_t>(stage_count(m)) * kStageBytes +
+         2 * kMaxKSteps * sizeof(int);
 }
 
 Rows16Shape make_rows16_shape(const ConvShape& s, int rows) {
@@ -120,18 +158,39 @@ __device__ __forceinline__ uint32_t pack_rounded(float lo, float hi, uint32_t ke
          static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&b)) << 16;
 }
 
-// Writes the stage's `pieces` 16-byte (pixel, 8-channel group) pieces of the
-// block's channels to `dst` (pixel 0, channel c_base of an output row); NHWC
-// pixels are C_out values apart, so for C_out = 64 the pieces are one
+// The stage's 16-byte piece q: (pixel px, 8-channel group cg) and its offset.
+// Rows: piece q = (q / 8, q % 8) at px * kStageRow + 16 cg. Core matrices
+// (kGradOutW): pieces in the order they lie in the stage (offset 16 q), so
+// that consecutive threads store to consecutive bytes.
+template <bool kCoreMatrices>
+__device__ __forceinline__ void stage_piece(int q, int& px, int& cg) {
+  if constexpr (kCoreMatrices) {
+    px = (q >> 6) * 8 + (q & 7);
+    cg = (q >> 3) & 7;
+  } else {
+    px = q >> 3;
+    cg = q & 7;
+  }
+}
+template <bool kCoreMatrices>
+__host__ __device__ constexpr int stage_offset(int px, int cg) {
+  return kCoreMatrices ? (px >> 3) * kCmPixelGroup + cg * 128 + (px & 7) * 16
+                       : px * kStageRow + cg * 16;
+}
+
+// Writes the stage's pieces of the first `pixels` pixels and the block's
+// `groups` channel groups to `dst` (pixel 0, channel c_base of an output row);
+// NHWC pixels are C_out values apart, so for C_out = 64 the pieces are one
 // contiguous run.
-template <typename T>
+template <bool kCoreMatrices, typename T>
 __device__ __forceinline__ void write_stage(const unsigned char* stage, T* __restrict__ dst,
-                                            int c_out, int pieces, int groups) {
-  for (int q = threadIdx.x; q < pieces; q += kThreads) {
-    const int px = q >> 3, cg = q & 7;
-    if (cg < groups) {
+                                            int c_out, int pixels, int groups) {
+  for (int q = threadIdx.x; q < kPix * 8; q += kThreads) {
+    int px, cg;
+    stage_piece<kCoreMatrices>(q, px, cg);
+    if (px < pixels && cg < groups) {
       *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(px) * c_out + 8 * cg) =
-          *reinterpret_cast<const uint4*>(stage + px * kStageRow + cg * 16);
+          *reinterpret_cast<const uint4*>(stage + stage_offset<kCoreMatrices>(px, cg));
     }
   }
 }
@@ -161,7 +220,7 @@ __device__ __forceinline__ void copy_strip16(const T* __restrict__ x, const Rows
 #endif
 
 template <typename T, Rows16Mode kMode>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, is_forward(kMode) ? 1 : kGradMinBlocks)
     conv_rows16_kernel(const T* __restrict__ x, const T* __restrict__ w, Rows16Shape s, BnFold f,
                        GradTerms gt, float* __restrict__ partials, T* __restrict__ out) {
 #if FUSED_CONV_WGMMA
@@ -169,13 +228,13 @@ __global__ void __launch_bounds__(kThreads)
   constexpr bool kWeightGrad = kMode == Rows16Mode::kGradOutW;
   constexpr bool kGradOut = kMode == Rows16Mode::kGradOut || kWeightGrad;
   constexpr bool kGrad = kMode == Rows16Mode::kGradStats || kGradOut;
-  constexpr bool kStaged = kMode != Rows16Mode::kStats;  // uses the [pixel][channel] stage
+  constexpr int kSlots = ring_slots(kMode);
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* w_s = smem;
   unsigned char* ring = w_s + s.w_bytes;
   unsigned char* zero = ring + kSlots * s.slot_bytes;
   unsigned char* stage = zero + kZeroBytes;
-  int* step_off = reinterpret_cast<int*>(stage + (kStaged ? kStageBytes : 0));
+  int* step_off = reinterpret_cast<int*>(stage + stage_count(kMode) * kStageBytes);
   int* step_lead = step_off + kMaxKSteps;
   const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   const uint32_t zero_addr = static_cast<uint32_t>(__cvta_generic_to_shared(zero));
@@ -190,19 +249,83 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t step = gridDim.x;
   const int row_bytes = s.staged_w * kChunkBytes;
 
-  const auto copy = [&](int64_t strip, int slot) {
+  const T* __restrict__ grad = static_cast<const T*>(gt.grad);
+  const int groups = min(8, (s.c_out - c_base) / 8);  // the block's 8-channel groups
+  // A strip's image n, first output row oh0 and first output column ow0.
+  const auto origin = [&](int64_t strip, int64_t& n, int& oh0, int& ow0) {
     const int64_t row_tile = strip / s.tiles_w;
-    const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
-    const int64_t n = row_tile / s.strips_h;
-    const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
+    ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
+    n = row_tile / s.strips_h;
+    oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
+  };
+  const auto copy = [&](int64_t strip, int slot) {
+    int64_t n;
+    int oh0, ow0;
+    origin(strip, n, oh0, ow0);
     copy_strip16<T>(x, s, n, oh0 - s.pad_h, ow0 - s.pad_w, ring_addr + slot * s.slot_bytes);
   };
-  // The first kSlots - 1 strips' copies fly while the weights are staged. One
-  // commit per strip, empty or not, keeps the group count uniform.
+  // kGrad: row r of a strip's g into stage `buf`, at the pieces' stage offsets
+  // (zeros past the tile's pixels and the block's channels).
+  const auto copy_grad = [&](int64_t strip, int r, int buf) {
+    int64_t n;
+    int oh0, ow0;
+    origin(strip, n, oh0, ow0);
+    const int64_t row_pix = (n * s.h_out + oh0 + r) * s.w_out + ow0;
+    const int pixels = min(s.w_out - ow0, kPix);
+    // Piece threadIdx.x + i*kThreads is this thread's first pixel + 16 i, in
+    // the same channel group, in either stage layout.
+    static_assert(kThreads == 8 * 16, "piece threadIdx.x + i*kThreads is pixel + 16 i");
+    int px, cg;
+    stage_piece<kWeightGrad>(threadIdx.x, px, cg);
+    const uint32_t dst = stage_addr + buf * kStageBytes + stage_offset<kWeightGrad>(px, cg);
+    constexpr int kPieceStride = stage_offset<kWeightGrad>(16, 0);
+    const T* src = grad + (row_pix + px) * s.c_out + c_base + 8 * cg;
+    const int64_t src_stride = 16 * static_cast<int64_t>(s.c_out);
 #pragma unroll
-  for (int i = 0; i < kSlots - 1; ++i) {
-    if (blockIdx.x + i * step < s.strips) copy(blockIdx.x + i * step, i);
+    for (int i = 0; i < kPix * 8 / kThreads; ++i) {
+      const bool inside = px + 16 * i < pixels && cg < groups;
+      cp_async_16(dst + i * kPieceStride, inside ? src + i * src_stride : grad, inside);
+    }
+  };
+  // kGrad: the prefetch cursor, the row whose g is copied next (strip pf_strip,
+  // the pf_slot-th slot, row pf_r of pf_rows) and its stage (the rows' stages
+  // and the strips' slots are used in turn). One commit per row, empty or not,
+  // keeps the group count uniform.
+  const auto strip_rows = [&](int64_t strip) {
+    int64_t n;
+    int oh0, ow0;
+    origin(strip, n, oh0, ow0);
+    return min(s.rows, s.h_out - oh0);
+  };
+  int64_t pf_strip = blockIdx.x;
+  int pf_r = 0, pf_slot = 0, pf_stage = 0;
+  int pf_rows = kGrad && pf_strip < s.strips ? strip_rows(pf_strip) : 0;
+  const auto prefetch_row = [&]() {
+    if (pf_strip < s.strips) {
+      if (pf_r == 0) copy(pf_strip, pf_slot);
+      copy_grad(pf_strip, pf_r, pf_stage);
+      if (++pf_r == pf_rows) {
+        pf_r = 0;
+        pf_strip += step;
+        pf_slot = pf_slot == kSlots - 1 ? 0 : pf_slot + 1;
+        pf_rows = pf_strip < s.strips ? strip_rows(pf_strip) : 0;
+      }
+    }
+    pf_stage = pf_stage == kGradStages - 1 ? 0 : pf_stage + 1;
     cp_async_commit();
+  };
+  // The first copies fly while the weights are staged: forward, the first
+  // kSlots - 1 strips (one commit per strip); kGrad, the first kGradStages - 1
+  // rows.
+  if constexpr (kGrad) {
+#pragma unroll
+    for (int i = 0; i < kGradStages - 1; ++i) prefetch_row();
+  } else {
+#pragma unroll
+    for (int i = 0; i < kSlots - 1; ++i) {
+      if (blockIdx.x + i * step < s.strips) copy(blockIdx.x + i * step, i);
+      cp_async_commit();
+    }
   }
 
   // Weights, element (k-step ks, k-half kc, channel co, e) = chunk u = 2ks + kc
@@ -234,7 +357,7 @@ __global__ void __launch_bounds__(kThreads)
   // kGradOutW: each chunk's staged offset (the same as the k-step tables'; the
   // last repeated past the chunk count), and the weight-gradient accumulators:
   // dw[u] = (channel 16w + g, input channels 8p + 2t, +1 of chunk u = (p, tap)),
-  // (channel + 8, ...): an m16n8 fragment per chunk.
+  // (channel + 8, ...): chunk u's 8 columns of the wgmma accumulator.
   int w_off[kWeightGrad ? kMaxWChunks + 1 : 1];
   float dw[kWeightGrad ? kMaxWChunks : 1][4];
   if constexpr (kWeightGrad) {
@@ -272,50 +395,48 @@ __global__ void __launch_bounds__(kThreads)
   // kGradStats: this thread's running sums of g, g*(y - ctr), y - ctr per
   // channel (each row's float32 sums added in float64).
   double gs_g[2] = {0.0, 0.0}, gs_gy[2] = {0.0, 0.0}, gs_y[2] = {0.0, 0.0};
-  const T* __restrict__ grad = static_cast<const T*>(gt.grad);
-  const int groups = min(8, (s.c_out - c_base) / 8);  // the block's 8-channel groups
   // Not initialised: a row's first MMA has scale-d = 0 (ks == 0), and zeroing
   // instructions near the MMAs would make ptxas serialize them (C7515).
   float acc[16][4];
 
-  int slot = 0;
+  int slot = 0, buf = 0;
   for (int64_t strip = blockIdx.x; strip < s.strips; strip += step) {
-    const int64_t row_tile = strip / s.tiles_w;
-    const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
-    const int64_t n = row_tile / s.strips_h;
-    const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
-    // This strip's copies (all but the newest group) have landed for this
-    // thread; the fence hands them to the async proxy, the barrier makes
-    // everyone's visible, and every warp has retired the previous strip's MMAs
-    // (wait_group 0 per row), so its slot may be refilled.
-    cp_async_wait<kSlots - 2>();
-    fence_proxy_async_shared();
-    __syncthreads();
-    const int refill = slot == 0 ? kSlots - 1 : slot - 1;
-    if (strip + (kSlots - 1) * step < s.strips) copy(strip + (kSlots - 1) * step, refill);
-    cp_async_commit();
+    int64_t n;
+    int oh0, ow0;
+    origin(strip, n, oh0, ow0);
+    if constexpr (!kGrad) {
+      // This strip's copies (all but the newest group) have landed for this
+      // thread; the fence hands them to the async proxy, the barrier makes
+      // everyone's visible, and every warp has retired the previous strip's
+      // MMAs (wait_group 0 per row), so its slot may be refilled.
+      cp_async_wait<kSlots - 2>();
+      fence_proxy_async_shared();
+      __syncthreads();
+      const int refill = slot == 0 ? kSlots - 1 : slot - 1;
+      if (strip + (kSlots - 1) * step < s.strips) copy(strip + (kSlots - 1) * step, refill);
+      cp_async_commit();
+    }
 
     const int rows = min(s.rows, s.h_out - oh0);
     const int lim = s.w_out - ow0;             // valid pixels of the tile (may exceed 128)
     float valid[16][2], cnt = 0.f, inv = 0.f;  // the statistics' pixel weights
     if constexpr (!kApply) row_pixel_weights(lim, t, valid, cnt, inv);
-    const int pieces = min(lim, kPix) * 8;  // 16-byte (pixel, 8-channel group) pieces
+    const int pixels = min(lim, kPix);  // pixels of the tile to write
     const uint32_t slot_addr = ring_addr + slot * s.slot_bytes;
     for (int r = 0; r < rows; ++r) {
       const int64_t row_pix = (n * s.h_out + oh0 + r) * s.w_out + ow0;  // NHWC pixel index
-      // kGrad: this thread's pieces of the row's g (zeros outside), loaded
-      // before the MMAs so that their latency runs under them.
-      uint4 g_pieces[kPix * 8 / kThreads];
       if constexpr (kGrad) {
-#pragma unroll
-        for (int i = 0; i < kPix * 8 / kThreads; ++i) {
-          const int q = threadIdx.x + i * kThreads, px = q >> 3, cg = q & 7;
-          g_pieces[i] = q < pieces && cg < groups
-                            ? __ldcs(reinterpret_cast<const uint4*>(
-                                  grad + (row_pix + px) * s.c_out + c_base + 8 * cg))
-                            : make_uint4(0, 0, 0, 0);
-        }
+        // The row kGradStages - 1 ahead, into the stage (and, at its strip's
+        // first row, the slot) that the previous row read and every warp has
+        // left. Then all but the newest kGradStages - 1 groups have landed:
+        // this row's g and its strip. The fence hands them to the async proxy.
+        prefetch_row();
+        cp_async_wait<kGradStages - 1>();
+        fence_proxy_async_shared();
+        __syncthreads();
       }
+      unsigned char* const stage_r = stage + buf * kStageBytes;  // this row's stage
+      const uint32_t stage_r_addr = stage_addr + buf * kStageBytes;
       wgmma_fence();
       for (int ks = 0; ks < s.k_steps; ++ks) {
         const uint32_t b0 = slot_addr + step_off[ks] + r * row_bytes;
@@ -342,22 +463,16 @@ __global__ void __launch_bounds__(kThreads)
                                  fmaf(fa[p], acc[jm][2 * p + 1], fd[p]));
           }
           const int px = 8 * (j + (m >> 1)) + i, ch = 16 * warp + 8 * (m & 1);
-          stmatrix_x4_trans(stage_addr + px * kStageRow + ch * 2, v[0], v[1], v[2], v[3]);
+          stmatrix_x4_trans(stage_r_addr + px * kStageRow + ch * 2, v[0], v[1], v[2], v[3]);
         }
         __syncthreads();
-        write_stage(stage, out + row_pix * s.c_out + c_base, s.c_out, pieces, groups);
+        write_stage<false>(stage_r, out + row_pix * s.c_out + c_base, s.c_out, pixels, groups);
         __syncthreads();  // the stage is rewritten by the next row
       } else if constexpr (kGrad) {
-        // g's pieces into the stage, then back as fragments by ldmatrix.trans
-        // (the stmatrix mapping in reverse): g at exactly the accumulators'
-        // (channel, pixel) positions. Each warp then reads (and, kGradOut,
-        // rewrites in place) only its own 16 channels of the stage.
-#pragma unroll
-        for (int i = 0; i < kPix * 8 / kThreads; ++i) {
-          const int q = threadIdx.x + i * kThreads;
-          *reinterpret_cast<uint4*>(stage + (q >> 3) * kStageRow + (q & 7) * 16) = g_pieces[i];
-        }
-        __syncthreads();
+        // g's pieces, copied into the stage, read back as fragments by
+        // ldmatrix.trans (the stmatrix mapping in reverse): g at exactly the
+        // accumulators' (channel, pixel) positions. Each warp reads (and,
+        // kGradOut, rewrites in place) only its own 16 channels of the stage.
         const int m = lane >> 3, i = lane & 7;
         float row_g[2] = {0.f, 0.f}, row_gy[2] = {0.f, 0.f}, row_y[2] = {0.f, 0.f};
         // kGradOut: this lane's first pair key of the row, and the offset's
@@ -369,7 +484,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < 16; j += 2) {
           const uint32_t addr =
-              stage_addr + (8 * (j + (m >> 1)) + i) * kStageRow + (16 * warp + 8 * (m & 1)) * 2;
+              stage_r_addr + stage_offset<kWeightGrad>(8 * (j + (m >> 1)) + i, 2 * warp + (m & 1));
           uint32_t gr[4];
           ldmatrix_x4_trans(addr, gr[0], gr[1], gr[2], gr[3]);
           uint32_t v[4];
@@ -391,35 +506,17 @@ __global__ void __launch_bounds__(kThreads)
                                       fmaf(fa[p], gv.y, fmaf(fc[p], y1, fd[p])), key ^ row_high);
             }
           }
-          if constexpr (kGradOut) {
-            stmatrix_x4_trans(addr, v[0], v[1], v[2], v[3]);
-          }
           if constexpr (kWeightGrad) {
-            // v is this warp's A fragment of the GEMM dW(16 channels x K) +=
-            // g_hat(16 x 16 pixels) * X(16 pixels x K) for pixels 8j..8j+15
-            // (m16n8k16: a0 = (channel g, pixels 2t, 2t+1), a1 = (g + 8, ...),
-            // a2, a3 the same 8 pixels on), with pixels past W_out masked out.
-            uint32_t a[4];
+            // g_hat of pixels past W_out is zero in the stage, so that the
+            // weight gradient's MMAs below may run over the whole tile.
 #pragma unroll
             for (int mm = 0; mm < 4; ++mm) {
               const int px = 8 * (j + (mm >> 1)) + 2 * t;
-              a[mm] = v[mm] & (px + 1 < lim ? 0xFFFFFFFFu : px < lim ? 0x0000FFFFu : 0u);
+              v[mm] &= px + 1 < lim ? 0xFFFFFFFFu : px < lim ? 0x0000FFFFu : 0u;
             }
-            // B fragments from the staged strip by ldmatrix.trans: lane 8m + i
-            // supplies pixel 8(j + m % 2) + i of chunk u + m / 2 (16 bytes =
-            // its 8 channels), so registers 0, 1 are chunk u's (b0, b1) and
-            // 2, 3 chunk u + 1's (a repeat of u past the last chunk).
-            const uint32_t lane_px = (8 * (j + (m & 1)) + i) * kChunkBytes + r * row_bytes;
-#pragma unroll
-            for (int u = 0; u < kMaxWChunks; u += 2) {
-              if (u < s.chunks) {
-                uint32_t b[4];
-                ldmatrix_x4_trans(slot_addr + lane_px + ((m >> 1) ? w_off[u + 1] : w_off[u]), b[0],
-                                  b[1], b[2], b[3]);
-                mma_16bit_m16n8k16<T>(dw[u], a, b[0], b[1]);
-                if (u + 1 < s.chunks) mma_16bit_m16n8k16<T>(dw[u + 1], a, b[2], b[3]);
-              }
-            }
+          }
+          if constexpr (kGradOut) {
+            stmatrix_x4_trans(addr, v[0], v[1], v[2], v[3]);
           }
         }
         if constexpr (kMode == Rows16Mode::kGradStats) {
@@ -430,13 +527,62 @@ __global__ void __launch_bounds__(kThreads)
             gs_y[p] += row_y[p];
           }
         } else {
+          if constexpr (kWeightGrad) fence_proxy_async_shared();  // the stage, for wgmma
           __syncthreads();
-          write_stage(stage, out + row_pix * s.c_out + c_base, s.c_out, pieces, groups);
+          if constexpr (kWeightGrad) {
+            // dW(64 channels x chunks' 8 input channels) += g_hat(64 x 128
+            // pixels) * X(128 pixels x ...): per 16-pixel k-step, A = the
+            // stage's two pixel groups; B = the strip at chunk u's offset for
+            // this row, whose pixels are 16 bytes apart (MN-major, 8 input
+            // channels per row) and whose tap columns q lie dil_w pixels apart,
+            // so three chunks (p, r, q = 0..2) form one N = 24 operand.
+            // Chunks past the last read the zero region instead (their
+            // accumulators are never stored): no branch between the MMAs,
+            // where ptxas would insert a warpgroup.arrive before each (C7519).
+            const uint32_t row_x = slot_addr + r * row_bytes;
+            wgmma_fence();
+            if (s.kw == 3) {
+#pragma unroll
+              for (int ks = 0; ks < kPix / 16; ++ks) {
+                const uint64_t a =
+                    desc_mn_major(stage_r_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
+#pragma unroll
+                for (int u = 0; u < kMaxWChunks; u += 3) {
+                  const uint32_t b =
+                      u < s.chunks ? row_x + w_off[u] + ks * 16 * kChunkBytes : zero_addr;
+                  wgmma_16bit_ss_n24_mn_major<T>(
+                      dw[u], dw[u + 1], dw[u + 2], a,
+                      desc_mn_major(b, 8 * kChunkBytes, s.dil_w * kChunkBytes));
+                }
+              }
+            } else {
+#pragma unroll
+              for (int ks = 0; ks < kPix / 16; ++ks) {
+                const uint64_t a =
+                    desc_mn_major(stage_r_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
+#pragma unroll
+                for (int u = 0; u < kMaxWChunks; ++u) {
+                  const uint32_t b =
+                      u < s.chunks ? row_x + w_off[u] + ks * 16 * kChunkBytes : zero_addr;
+                  wgmma_16bit_ss_n8_mn_major<T>(dw[u], a,
+                                                desc_mn_major(b, 8 * kChunkBytes, kChunkBytes));
+                }
+              }
+            }
+            wgmma_commit();
+          }
+          write_stage<kWeightGrad>(stage_r, out + row_pix * s.c_out + c_base, s.c_out, pixels,
+                                   groups);
+          if constexpr (kWeightGrad) {
+            wgmma_wait<0>();
+            wgmma_fence_accumulators(dw);
+          }
         }
-        __syncthreads();  // the stage is rewritten by the next row
+        __syncthreads();  // the stage and slot are refilled by the next row
       } else {
         stats.add_row(acc, valid, cnt, inv);
       }
+      if constexpr (kGrad) buf = buf == kGradStages - 1 ? 0 : buf + 1;
     }
     slot = slot == kSlots - 1 ? 0 : slot + 1;
   }
@@ -492,7 +638,7 @@ template <typename T, Rows16Mode kMode>
 int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f,
                   const GradTerms& gt, float* partials, T* out, bool dry_run) {
   auto kernel = conv_rows16_kernel<T, kMode>;
-  const size_t smem = smem_bytes(r, kMode != Rows16Mode::kStats);
+  const size_t smem = smem_bytes(r, kMode);
   const int grid_x =
       row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads, smem, r.c_out, r.strips);
   if (!dry_run) {
@@ -553,7 +699,8 @@ bool conv_rows16_supports(const ConvShape& s, const at::Tensor& x, int device) {
   }
   if (compute_capability_major(device) != 9) return false;
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
-  const size_t bytes = smem_bytes(r, true);
+  const size_t bytes =
+      std::max(smem_bytes(r, Rows16Mode::kApply), smem_bytes(r, Rows16Mode::kGradOutW));
   return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
          bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
 #endif

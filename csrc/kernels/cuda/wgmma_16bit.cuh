@@ -25,6 +25,17 @@ __device__ __forceinline__ uint64_t desc_at(uint32_t addr, uint32_t lead_bytes,
          static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32;
 }
 
+// An MN-major (transposed) operand's descriptor from the byte distances between
+// core matrices adjacent in K and in M (or N). Without swizzling the leading
+// byte offset is taken to be the K distance, as for K-major operands;
+// docs/checks/wgmma_transpose_probe.cu tells on the device, and this constant
+// is the one place to change if it says otherwise.
+constexpr bool kMnMajorLeadIsK = true;
+__device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr, uint32_t k_bytes,
+                                                  uint32_t mn_bytes) {
+  return kMnMajorLeadIsK ? desc_at(addr, k_bytes, mn_bytes) : desc_at(addr, mn_bytes, k_bytes);
+}
+
 // A 16-byte asynchronous copy global -> shared, zeros when !valid (src is
 // then not read).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
@@ -131,28 +142,63 @@ __device__ __forceinline__ void wgmma_16bit_ss_n32(float (&d)[4][4], uint64_t a_
 #undef FUSED_CONV_D32_OPERANDS
 #undef FUSED_CONV_D32_LIST
 
-// D(16 x 8) += A(16 x 16) * B(16 x 8) on one warp (mma.sync, float32
-// accumulation): a = {A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]},
-// b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g] (pairs packed low = first),
-// d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]} for lane (g, t).
+// D(64 x 8N) += A(64 x 16) * B(16 x 8N) with both operands MN-major in shared
+// memory (the transpose flags set): A's core matrices are 8 rows of K, each 16
+// bytes = 8 consecutive values of M, and B's likewise 8 rows of K with 8
+// values of N. For the weight gradient, where M = output channels and N =
+// input channels are the contiguous dimensions of the staged g_hat and input.
+// Their descriptors come from desc_mn_major.
+// d[j] = {D[16w+g][8j+2t], D[16w+g][8j+2t+1], D[16w+g+8][8j+2t],
+// D[16w+g+8][8j+2t+1]} for lane (g, t) of warp w: per 8 columns the fragment
+// of an m16n8 mma.sync.
 template <typename T>
-__device__ __forceinline__ void mma_16bit_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
-                                                   uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void wgmma_16bit_ss_n8_mn_major(float (&d)[4], uint64_t a_desc,
+                                                           uint64_t b_desc) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, 1, "
+        "1;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        : "l"(a_desc), "l"(b_desc));
   } else {
     static_assert(std::is_same_v<T, __half>, "float16 or bfloat16 operands");
     asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, 1, "
+        "1;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        : "l"(a_desc), "l"(b_desc));
   }
 }
+#define FUSED_CONV_D24_OPERANDS(d0, d1, d2)                                                  \
+  "+f"(d0[0]), "+f"(d0[1]), "+f"(d0[2]), "+f"(d0[3]), "+f"(d1[0]), "+f"(d1[1]), "+f"(d1[2]), \
+      "+f"(d1[3]), "+f"(d2[0]), "+f"(d2[1]), "+f"(d2[2]), "+f"(d2[3])
+#define FUSED_CONV_D24_LIST "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11}"
+// As wgmma_16bit_ss_n8_mn_major with N = 24, its three 8-column groups in d0, d1, d2.
+template <typename T>
+__device__ __forceinline__ void wgmma_16bit_ss_n24_mn_major(float (&d0)[4], float (&d1)[4],
+                                                            float (&d2)[4], uint64_t a_desc,
+                                                            uint64_t b_desc) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n24k16.f32.bf16.bf16 " FUSED_CONV_D24_LIST
+        ", %12, %13, p, 1, 1, 1, 1;\n}\n"
+        : FUSED_CONV_D24_OPERANDS(d0, d1, d2)
+        : "l"(a_desc), "l"(b_desc));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "float16 or bfloat16 operands");
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n24k16.f32.f16.f16 " FUSED_CONV_D24_LIST
+        ", %12, %13, p, 1, 1, 1, 1;\n}\n"
+        : FUSED_CONV_D24_OPERANDS(d0, d1, d2)
+        : "l"(a_desc), "l"(b_desc));
+  }
+}
+#undef FUSED_CONV_D24_OPERANDS
+#undef FUSED_CONV_D24_LIST
 
 // Stores four 8x8 16-bit matrices, transposed: register r[m] of lane l holds
 // M_m[l / 4][2 (l % 4)], M_m[l / 4][2 (l % 4) + 1] (an MMA fragment), and row
