@@ -194,6 +194,20 @@ def test_sanitize_rows16_backward_matches_reference(shape, training, dtype):
                    seed=sum(shape) * 5 + 2, wanted=("weight",))  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rows16_backward_with_many_strips_per_block(monkeypatch, rows, dtype):
+    # More strips than the row kernel's blocks (at most 4 per multiprocessor), so each block
+    # runs several: the next strip's input and the g of its first row are copied during the
+    # last row of the strip before, into the other ring slot and stage (conv_rows16.cu).
+    # rows = 3 also leaves a 2-row last strip in every image.
+    monkeypatch.setenv("FUSED_CONV_ROWS_PER_STRIP", str(rows))
+    per_image = -(-32 // rows)  # 32 output rows of 64 pixels
+    n = 4 * torch.cuda.get_device_properties(0).multi_processor_count // per_image + 2
+    check_backward((n, 8, 34, 66, 64, 3, 1, 0, 1), dtype=dtype, channels_last=True,
+                   training=True, seed=rows + n)  # fmt: skip
+
+
 DGRAD16_SHAPES = [
     # grad_input on the 16-bit Hopper row kernel (grad_input_rows16.cu): float16 / bfloat16
     # channels_last, stride and dilation 1, padding <= k - 1, C_in % 8, C_out % 16, W >= 64
