@@ -534,33 +534,35 @@ __global__ void __launch_bounds__(kThreads, is_forward(kMode) ? 1 : kGradMinBloc
             // Chunks past the last read the zero region instead (their
             // accumulators are never stored): no branch between the MMAs,
             // where ptxas would insert a warpgroup.arrive before each (C7519).
-            const uint32_t row_x = slot_addr + r * row_bytes;
+            // Descriptors by 32-bit addition to their low word (desc_join):
+            // w_off and the k-step offsets are in 16-byte units.
+            const uint32_t n_stride = (s.kw == 3 ? s.dil_w : 1) * kChunkBytes;
+            const DescWords a0 = desc_mn_major_words(stage_r_addr, kCmPixelGroup, 128);
+            const DescWords b0 =
+                desc_mn_major_words(slot_addr + r * row_bytes, 8 * kChunkBytes, n_stride);
+            const uint32_t b_zero = desc_mn_major_words(zero_addr, 8 * kChunkBytes, n_stride).lo;
+            constexpr uint32_t kAStep = 2 * kCmPixelGroup / 16;  // 16 pixels of the stage
+            constexpr uint32_t kBStep = 16 * kChunkBytes / 16;   // 16 pixels of the strip
             wgmma_fence();
             if (s.kw == 3) {
 #pragma unroll
               for (int ks = 0; ks < kPix / 16; ++ks) {
-                const uint64_t a =
-                    desc_mn_major(stage_r_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
 #pragma unroll
                 for (int u = 0; u < kMaxWChunks; u += 3) {
-                  const uint32_t b =
-                      u < s.chunks ? row_x + (w_off[u] + ks * 16) * kChunkBytes : zero_addr;
-                  wgmma_16bit_ss_n24_mn_major<T>(
-                      dw[u], dw[u + 1], dw[u + 2], a,
-                      desc_mn_major(b, 8 * kChunkBytes, s.dil_w * kChunkBytes));
+                  const uint32_t b = u < s.chunks ? b0.lo + w_off[u] + ks * kBStep : b_zero;
+                  wgmma_16bit_ss_n24_mn_major<T>(dw[u], dw[u + 1], dw[u + 2],
+                                                 desc_join(a0.lo + ks * kAStep, a0.hi),
+                                                 desc_join(b, b0.hi));
                 }
               }
             } else {
 #pragma unroll
               for (int ks = 0; ks < kPix / 16; ++ks) {
-                const uint64_t a =
-                    desc_mn_major(stage_r_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
 #pragma unroll
                 for (int u = 0; u < kMaxWChunks; ++u) {
-                  const uint32_t b =
-                      u < s.chunks ? row_x + (w_off[u] + ks * 16) * kChunkBytes : zero_addr;
-                  wgmma_16bit_ss_n8_mn_major<T>(dw[u], a,
-                                                desc_mn_major(b, 8 * kChunkBytes, kChunkBytes));
+                  const uint32_t b = u < s.chunks ? b0.lo + w_off[u] + ks * kBStep : b_zero;
+                  wgmma_16bit_ss_n8_mn_major<T>(dw[u], desc_join(a0.lo + ks * kAStep, a0.hi),
+                                                desc_join(b, b0.hi));
                 }
               }
             }
