@@ -21,16 +21,20 @@
 // 3xTF32: D += Wb*Xb + Wb*Xs + Ws*Xb (tf32_mma.cuh): 3 MMAs per k-step, 27 for
 // the reference problem's 3x3 x 8 channels, issued back to back.
 //
-// A block is one warpgroup, persistent over strips of `rows` output rows of one
-// image and one column tile (strips blockIdx.x, + gridDim.x, ...). The strip's
-// input rows (with halo) arrive raw, in the plane layout, through a 2-deep
-// cp.async ring two strips ahead; all threads split them into the big/small
+// A warpgroup is persistent over strips of `rows` output rows of one image and
+// one column tile. The strip's input rows (with halo) arrive raw, in the plane
+// layout, by cp.async; the warpgroup's threads split them into the big/small
 // planes (one 16-byte load and two 16-byte stores per 4 channels), then per
 // output row the warpgroup issues the MMA chain, waits, and folds the row into
 // per-channel Chan statistics, or (apply) writes it through a per-warp
 // shared-memory transpose so that each store instruction covers 256 contiguous
-// bytes of one channel row. Two blocks share a multiprocessor, so one's split
-// and epilogue run under the other's MMAs.
+// bytes of one channel row. Where the shared memory allows (the reference
+// problem: 209 KB), a block is three warpgroups sharing one copy of the split
+// weights, each with its own strips, planes and a one-strip raw buffer (the next
+// strip is copied once the current one is split): 12 warps per multiprocessor,
+// so that one warpgroup's split and epilogue run under the others' MMAs. Else a
+// block is one warpgroup with a 2-deep raw ring two strips ahead, two blocks per
+// multiprocessor (8 warps; the only form before the thirteenth session).
 #include "kernels/cuda/conv_rows.h"
 
 #include <ATen/ATen.h>
@@ -41,6 +45,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/cuda/rows_statistics.cuh"
 #include "kernels/cuda/tf32_mma.cuh"
@@ -81,11 +86,21 @@ struct RowsShape : RowStrips {
   bool pair_stores;  // W_out even: 8-byte stores of pixel pairs
 };
 
-// Weights (big, small), the split strip (big, small), the raw ring (2 strips),
-// the k-step table.
-size_t smem_bytes(const RowsShape& r, bool apply) {
-  return (2 * static_cast<size_t>(r.w_words) + 4 * static_cast<size_t>(r.x_words) +
-          (apply ? kStageWords : 0)) *
+// Raw ring slots per warpgroup: a block of one warpgroup copies two strips
+// ahead; with three warpgroups (sharing the weights) only one slot each fits,
+// so the next strip is copied once the current one is split.
+constexpr int raw_slots(int groups) { return groups == 1 ? 2 : 1; }
+
+// One warpgroup's region: the split strip (big, small), its raw ring, its
+// warps' output stages (apply), in floats.
+size_t group_words(const RowsShape& r, bool apply, int groups) {
+  return static_cast<size_t>(2 + raw_slots(groups)) * r.x_words + (apply ? kStageWords : 0);
+}
+
+// Weights (big, small) shared by the block's warpgroups, the k-step table,
+// then each warpgroup's region.
+size_t smem_bytes(const RowsShape& r, bool apply, int groups) {
+  return (2 * static_cast<size_t>(r.w_words) + groups * group_words(r, apply, groups)) *
              sizeof(float) +
          kMaxKSteps * sizeof(int);
 }
@@ -110,7 +125,7 @@ RowsShape make_rows_shape(const ConvShape& s, int rows) {
 // pixels (one 16-byte copy where the channels allow it).
 template <bool kChannelsLast>
 __device__ __forceinline__ void copy_strip(const float* __restrict__ x, const RowsShape& s,
-                                           int64_t n, int ih0, int iw0, float* raw) {
+                                           int64_t n, int ih0, int iw0, float* raw, int tid) {
   const int planes = 2 * s.pairs;
   const float* img = x + n * (static_cast<int64_t>(s.c_in) * s.h * s.w);
   const int plane_in = s.h * s.w;
@@ -120,15 +135,15 @@ __device__ __forceinline__ void copy_strip(const float* __restrict__ x, const Ro
   // kThreads < staged_w, so one carry per digit and step suffices.
   int pl, sr, px;
   if constexpr (kChannelsLast) {
-    pl = threadIdx.x % planes;
-    px = threadIdx.x / planes;
+    pl = tid % planes;
+    px = tid / planes;
     sr = 0;
   } else {
-    px = threadIdx.x;
+    px = tid;
     sr = 0;
     pl = 0;
   }
-  for (int i = threadIdx.x; i < s.items; i += kThreads) {
+  for (int i = tid; i < s.items; i += kThreads) {
     const int ih = ih0 + sr, iw = iw0 + px, c0 = 4 * pl;
     const bool inside = static_cast<unsigned>(ih) < static_cast<unsigned>(s.h) &&
                         static_cast<unsigned>(iw) < static_cast<unsigned>(s.w);
@@ -166,46 +181,68 @@ __device__ __forceinline__ void copy_strip(const float* __restrict__ x, const Ro
 // kApply = false: per-block (count, mean, M2) of conv(x) per channel into
 // partials[blockIdx.y][gridDim.x][64][3].
 // kApply = true: out = a[c]*conv(x) + d[c] (the BN + scale fold, f), NCHW.
-template <bool kChannelsLast, bool kApply>
-__global__ void __launch_bounds__(kThreads)
+//
+// kGroups warpgroups per block (1 or 3) share the staged weights; each runs the
+// strips of its own unit (blockIdx.x * kGroups + its index, then + gridDim.x *
+// kGroups, ...) in its own region of shared memory, synchronising on a named
+// barrier of its own. Three warpgroups put 12 warps on a multiprocessor where
+// two one-warpgroup blocks (two copies of the weights) put 8.
+template <bool kChannelsLast, bool kApply, int kGroups>
+__global__ void __launch_bounds__(kThreads* kGroups)
     conv_rows_kernel(const float* __restrict__ x, const float* __restrict__ w, RowsShape s,
                      BnFold f, float* __restrict__ partials, float* __restrict__ out) {
   static_assert(!(kApply && kChannelsLast), "the NHWC normalise pass stays on the tile kernel");
+  static_assert(kGroups == 1 || kGroups == 3, "one or three warpgroups per block");
 #if FUSED_CONV_WGMMA
+  constexpr int kRaw = raw_slots(kGroups);
+  // Warpgroup and warp indices broadcast from lane 0: warp-uniform to the
+  // compiler, so that no branch near the wgmmas looks divergent (ptxas would
+  // serialize them).
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / kThreads), 0);
+  const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5) & 3, 0);
+  const int tid = threadIdx.x - wg * kThreads;  // within the warpgroup
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   extern __shared__ __align__(128) float smem[];
   float* w_big = smem;
   float* w_small = w_big + s.w_words;
-  float* x_big = w_small + s.w_words;
+  int* step_b = reinterpret_cast<int*>(w_small + s.w_words);
+  float* x_big = reinterpret_cast<float*>(step_b + kMaxKSteps) +
+                 wg * (static_cast<size_t>(2 + kRaw) * s.x_words + (kApply ? kStageWords : 0));
   float* x_small = x_big + s.x_words;
-  float* raw_ring = x_small + s.x_words;  // [2][x_words]
-  int* step_b = reinterpret_cast<int*>(raw_ring + 2 * s.x_words);
-  float* stage = reinterpret_cast<float*>(step_b + kMaxKSteps) + (threadIdx.x >> 5) * 8 * kStageRow;
+  float* raw_ring = x_small + s.x_words;  // [kRaw][x_words]
+  float* stage = raw_ring + kRaw * s.x_words + warp * 8 * kStageRow;
+  // The warpgroup's barrier (barrier 0 is __syncthreads').
+  const auto group_sync = [&]() {
+    if constexpr (kGroups == 1) {
+      __syncthreads();
+    } else {
+      asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wg), "n"(kThreads) : "memory");
+    }
+  };
 
-  // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
-  // branch near the wgmmas looks divergent (ptxas would serialize them).
-  const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0);
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int c_base = blockIdx.y * kCo;
   const int taps = s.kh * s.kw;
-  const int64_t step = gridDim.x;
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kGroups + wg;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kGroups;
 
   const auto copy = [&](int64_t strip, float* raw) {
     const int64_t row_tile = strip / s.tiles_w;
     const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
     const int64_t n = row_tile / s.strips_h;
     const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
-    copy_strip<kChannelsLast>(x, s, n, oh0 - s.pad_h, ow0 - s.pad_w, raw);
+    copy_strip<kChannelsLast>(x, s, n, oh0 - s.pad_h, ow0 - s.pad_w, raw, tid);
   };
-  // The first two strips' copies fly while the weights are split. One commit
+  // The first kRaw strips' copies fly while the weights are split. One commit
   // per strip slot, empty or not, keeps the group count uniform.
-  if (blockIdx.x < s.strips) copy(blockIdx.x, raw_ring);
-  cp_async_commit();
-  if (blockIdx.x + step < s.strips) copy(blockIdx.x + step, raw_ring + s.x_words);
-  cp_async_commit();
+#pragma unroll
+  for (int i = 0; i < kRaw; ++i) {
+    if (unit + i * step < s.strips) copy(unit + i * step, raw_ring + i * s.x_words);
+    cp_async_commit();
+  }
 
   // Weights split into TF32 halves, word (ks, k-half kc, channel co, e): the
   // k-step's core matrices of 8 channels 128 bytes apart, k-halves 1 KB apart.
-  for (int i = threadIdx.x; i < s.w_words; i += kThreads) {
+  for (int i = threadIdx.x; i < s.w_words; i += kThreads * kGroups) {
     const int ks = i / (8 * kCo), kc = (i / (4 * kCo)) & 1, co = (i >> 2) & (kCo - 1), e = i & 3;
     const int tap = ks / s.pairs, ci = (ks - tap * s.pairs) * 8 + kc * 4 + e, c = c_base + co;
     const float v =
@@ -222,6 +259,12 @@ __global__ void __launch_bounds__(kThreads)
     const int ks = threadIdx.x, tap = ks / s.pairs, pp = ks - tap * s.pairs;
     const int r = tap / s.kw, q = tap - r * s.kw;
     step_b[ks] = (2 * pp * plane_bytes + (r * s.dil_h * s.staged_w + q * s.dil_w) * 16) >> 4;
+  }
+  if constexpr (kGroups > 1) {
+    // The weights and the table, written by all warpgroups, visible to every
+    // warpgroup's wgmma (one warpgroup: the loop's first fence and barrier).
+    fence_proxy_async_shared();
+    __syncthreads();
   }
 
   const uint64_t a_big = wgmma_desc_k_major(w_big, 4 * kCo * 4, 128);
@@ -249,18 +292,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   int slot = 0;
-  for (int64_t strip = blockIdx.x; strip < s.strips; strip += step, slot ^= 1) {
+  for (int64_t strip = unit; strip < s.strips; strip += step) {
     const int64_t row_tile = strip / s.tiles_w;
     const int ow0 = static_cast<int>(strip - row_tile * s.tiles_w) * kPix;
     const int64_t n = row_tile / s.strips_h;
     const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
     float* raw = raw_ring + slot * s.x_words;
-    // This strip's copies (all but the newest group) have landed for this
-    // thread; the barrier makes everyone's visible, and every warp has retired
-    // the previous strip's MMAs (wait_group 0 per row), so the planes are free.
-    cp_async_wait<1>();
-    __syncthreads();
-    for (int i = threadIdx.x; i < s.items; i += kThreads) {
+    // This strip's copies (all but the newest kRaw - 1 groups) have landed for
+    // this thread; the barrier makes the warpgroup's visible, and each of its
+    // warps has retired the previous strip's MMAs (wait_group 0 per row), so
+    // the planes are free.
+    cp_async_wait<kRaw - 1>();
+    group_sync();
+    for (int i = tid; i < s.items; i += kThreads) {
       const float4 v = reinterpret_cast<const float4*>(raw)[i];
       uint4 big, small;
       split_tf32(v.x, big.x, small.x);
@@ -271,9 +315,10 @@ __global__ void __launch_bounds__(kThreads)
       reinterpret_cast<uint4*>(x_small)[i] = small;
     }
     fence_proxy_async_shared();  // the split planes, visible to wgmma
-    __syncthreads();             // ... and this raw slot free for the strip after next
-    if (strip + 2 * step < s.strips) copy(strip + 2 * step, raw);
+    group_sync();                // ... and this raw slot free for the strip kRaw ahead
+    if (strip + kRaw * step < s.strips) copy(strip + kRaw * step, raw);
     cp_async_commit();
+    slot = slot == kRaw - 1 ? 0 : slot + 1;
 
     const int rows = min(s.rows, s.h_out - oh0);
     const int lim = s.w_out - ow0;  // valid pixels of the tile (may exceed 128)
@@ -343,35 +388,54 @@ __global__ void __launch_bounds__(kThreads)
   }
   cp_async_wait<0>();  // no copy outlives the block (the last slots are empty groups)
 
-  if (!kApply) stats.write(partials, warp, g, t);
+  if (!kApply) stats.write_unit(partials, unit, step, warp, g, t);
 #else
   // Not compiled for sm_90a: conv_rows_stats_supports() never selects this kernel.
   __trap();
 #endif
 }
 
+// Three warpgroups per block where their shared memory fits one block per
+// multiprocessor, else one (two blocks per multiprocessor, kMaxSmem each).
+int rows_groups(const RowsShape& r, bool apply, int device) {
+  return smem_bytes(r, apply, 3) <= static_cast<size_t>(max_shared_memory_per_block(device)) ? 3
+                                                                                             : 1;
+}
+
+// Launches (or, dry_run, sizes) the kernel; returns the number of units
+// (warpgroups with their own strips and statistics partials): grid x groups.
 template <bool kChannelsLast, bool kApply>
 int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold& f,
                 float* partials, float* out, bool dry_run) {
-  auto kernel = conv_rows_kernel<kChannelsLast, kApply>;
-  const size_t smem = smem_bytes(r, kApply);
-  const int grid_x =
-      row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads, smem, r.c_out, r.strips);
-  if (!dry_run) {
-    const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
-    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, partials, out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return grid_x;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto launch = [&](auto groups_tag) {
+    constexpr int kGroups = decltype(groups_tag)::value;
+    auto kernel = conv_rows_kernel<kChannelsLast, kApply, kGroups>;
+    const size_t smem = smem_bytes(r, kApply, kGroups);
+    const int grid_x = row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads * kGroups,
+                                       smem, r.c_out, (r.strips + kGroups - 1) / kGroups);
+    if (!dry_run) {
+      const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
+      kernel<<<grid, kThreads * kGroups, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f,
+                                                                                    partials, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return grid_x * kGroups;
+  };
+  return rows_groups(r, kApply, device) == 3 ? launch(std::integral_constant<int, 3>{})
+                                             : launch(std::integral_constant<int, 1>{});
 }
 
 // Whether the shape's k-steps and shared memory (kApply: with the output
-// stage) fit the row kernel at two blocks per multiprocessor.
+// stage) fit the row kernel: three warpgroups in one block, or one in each of
+// two blocks per multiprocessor.
 bool rows_fit(const ConvShape& s, bool apply, int device) {
   const RowsShape r = make_rows_shape(s, rows_per_strip(kDefaultRows));
-  const size_t bytes = smem_bytes(r, apply);
-  return r.k_steps <= kMaxKSteps && bytes <= kMaxSmem &&
-         bytes <= static_cast<size_t>(max_shared_memory_per_block(device));
+  const size_t one = smem_bytes(r, apply, 1);
+  return r.k_steps <= kMaxKSteps &&
+         (rows_groups(r, apply, device) == 3 ||
+          (one <= kMaxSmem && one <= static_cast<size_t>(max_shared_memory_per_block(device))));
 }
 
 int run_rows_stats(const RowsShape& r, bool channels_last, const at::Tensor& x, const at::Tensor& w,

@@ -47,14 +47,17 @@ int row_kernel_grid(const void* entry, int threads, size_t smem, int64_t c_out, 
 
 // Whether the row kernel covers the shape on `device`: compiled for sm_90a and
 // running on compute capability 9, float32, stride 1, W_out >= 64, C_out > 32, K small
-// enough for the weights and the staged rows to fit two blocks per SM.
+// enough for the weights and the staged rows to fit three warpgroups in one
+// block or one in each of two blocks per SM.
 // FUSED_CONV_FORWARD_KERNEL=tile turns it off (the tile kernel then runs).
 // (Shared by both passes; conv_rows_apply_supports() adds its own conditions.)
 bool conv_rows_stats_supports(const ConvShape& s, at::ScalarType dtype, int device);
 
-// Per-block (count, mean, M2) of conv(x) (no bias) per channel, x in the
-// layout s.channels_last names, w contiguous: returns the partials tensor and
-// the grid width that finalize_stats_kernel needs.
+// Per-unit (count, mean, M2) of conv(x) (no bias) per channel (a unit is a
+// warpgroup with its own strips: one per block, or three), x in the layout
+// s.channels_last names, w contiguous: returns the partials tensor and the
+// number of units per channel block, which finalize_stats_kernel takes as its
+// grid width.
 std::pair<at::Tensor, int> conv_rows_stats(const ConvShape& s, const at::Tensor& x,
                                            const at::Tensor& w);
 

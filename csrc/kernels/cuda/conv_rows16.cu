@@ -108,10 +108,9 @@ struct Rows16Shape : RowStrips {
 // The input ring's slots and the [pixel][channel] stages per mode. The forward
 // keeps two strips in flight (3 slots, one stage for the output). The backward
 // modes stream g, 8x the input's bytes for the reference problem: each row's g
-// is copied into a ring of kGradStages stages, kGradStages - 1 rows ahead of
-// the row computed, and each strip's input travels with its first row's g, so
-// kGradStages slots hold every strip between the two.
-// Two stages (one row ahead) measured faster than three (two rows ahead, two
+// is copied into one of two stages while the row before it is computed, and a
+// strip's input travels with its first row's g, so two slots hold every strip
+// in use. One row ahead measured faster than two (three stages and slots, two
 // blocks per multiprocessor): 0.31 against 0.35 ms for g_hat's pass of the
 // reference problem. Three blocks per multiprocessor fit the shared memory of
 // two stages, and 168 registers per thread (a few bytes spill), within which
@@ -178,10 +177,15 @@ __host__ __device__ constexpr int stage_offset(int px, int cg) {
                        : px * kStageRow + cg * 16;
 }
 
+// Piece threadIdx.x + i*kThreads is this thread's first piece's pixel + 16 i,
+// in the same channel group, in either layout (copy_grad addresses its pieces
+// so).
+static_assert(kThreads == 128 && kPix * 8 / kThreads == 8, "8 pieces per thread, 16 pixels apart");
 // Writes the stage's pieces of the first `pixels` pixels and the block's
 // `groups` channel groups to `dst` (pixel 0, channel c_base of an output row);
 // NHWC pixels are C_out values apart, so for C_out = 64 the pieces are one
-// contiguous run.
+// contiguous run. (Addressed by constant strides like copy_grad, with the loop
+// unrolled or not, ptxas serialised kGradOutW's MMAs, C7511.)
 template <bool kCoreMatrices, typename T>
 __device__ __forceinline__ void write_stage(const unsigned char* stage, T* __restrict__ dst,
                                             int c_out, int pixels, int groups) {
@@ -264,62 +268,43 @@ __global__ void __launch_bounds__(kThreads, is_forward(kMode) ? 1 : kGradMinBloc
     origin(strip, n, oh0, ow0);
     copy_strip16<T>(x, s, n, oh0 - s.pad_h, ow0 - s.pad_w, ring_addr + slot * s.slot_bytes);
   };
-  // kGrad: row r of a strip's g into stage `buf`, at the pieces' stage offsets
-  // (zeros past the tile's pixels and the block's channels).
-  const auto copy_grad = [&](int64_t strip, int r, int buf) {
-    int64_t n;
-    int oh0, ow0;
-    origin(strip, n, oh0, ow0);
-    const int64_t row_pix = (n * s.h_out + oh0 + r) * s.w_out + ow0;
-    const int pixels = min(s.w_out - ow0, kPix);
-    // Piece threadIdx.x + i*kThreads is this thread's first pixel + 16 i, in
-    // the same channel group, in either stage layout.
-    static_assert(kThreads == 8 * 16, "piece threadIdx.x + i*kThreads is pixel + 16 i");
+  // kGrad: the g of the output row whose first NHWC pixel is row_pix (`pixels`
+  // of them in the tile) into stage `buf`, at this thread's pieces' offsets
+  // (zeros past the tile's pixels and the block's channels; see write_stage for
+  // the constant strides).
+  const auto copy_grad = [&](int64_t row_pix, int pixels, int buf) {
     int px, cg;
     stage_piece<kWeightGrad>(threadIdx.x, px, cg);
+    const T* src = grad + row_pix * s.c_out + (px * s.c_out + c_base + 8 * cg);
+    const int64_t src_stride = 16 * static_cast<int64_t>(s.c_out);
     const uint32_t dst = stage_addr + buf * kStageBytes + stage_offset<kWeightGrad>(px, cg);
     constexpr int kPieceStride = stage_offset<kWeightGrad>(16, 0);
-    const T* src = grad + (row_pix + px) * s.c_out + c_base + 8 * cg;
-    const int64_t src_stride = 16 * static_cast<int64_t>(s.c_out);
 #pragma unroll
     for (int i = 0; i < kPix * 8 / kThreads; ++i) {
       const bool inside = px + 16 * i < pixels && cg < groups;
       cp_async_16(dst + i * kPieceStride, inside ? src + i * src_stride : grad, inside);
     }
   };
-  // kGrad: the prefetch cursor, the row whose g is copied next (strip pf_strip,
-  // the pf_slot-th slot, row pf_r of pf_rows) and its stage (the rows' stages
-  // and the strips' slots are used in turn). One commit per row, empty or not,
-  // keeps the group count uniform.
-  const auto strip_rows = [&](int64_t strip) {
+  // kGrad: a strip's first NHWC pixel and its pixels in the tile.
+  const auto strip_pixels = [&](int64_t strip, int64_t& pix, int& pixels) {
     int64_t n;
     int oh0, ow0;
     origin(strip, n, oh0, ow0);
-    return min(s.rows, s.h_out - oh0);
-  };
-  int64_t pf_strip = blockIdx.x;
-  int pf_r = 0, pf_slot = 0, pf_stage = 0;
-  int pf_rows = kGrad && pf_strip < s.strips ? strip_rows(pf_strip) : 0;
-  const auto prefetch_row = [&]() {
-    if (pf_strip < s.strips) {
-      if (pf_r == 0) copy(pf_strip, pf_slot);
-      copy_grad(pf_strip, pf_r, pf_stage);
-      if (++pf_r == pf_rows) {
-        pf_r = 0;
-        pf_strip += step;
-        pf_slot = pf_slot == kSlots - 1 ? 0 : pf_slot + 1;
-        pf_rows = pf_strip < s.strips ? strip_rows(pf_strip) : 0;
-      }
-    }
-    pf_stage = pf_stage == kGradStages - 1 ? 0 : pf_stage + 1;
-    cp_async_commit();
+    pix = (n * s.h_out + oh0) * s.w_out + ow0;
+    pixels = min(s.w_out - ow0, kPix);
   };
   // The first copies fly while the weights are staged: forward, the first
-  // kSlots - 1 strips (one commit per strip); kGrad, the first kGradStages - 1
-  // rows.
+  // kSlots - 1 strips (one commit per strip); kGrad, the first strip and its
+  // first row's g (then one commit per row).
   if constexpr (kGrad) {
-#pragma unroll
-    for (int i = 0; i < kGradStages - 1; ++i) prefetch_row();
+    if (blockIdx.x < s.strips) {
+      int64_t pix;
+      int pixels;
+      strip_pixels(blockIdx.x, pix, pixels);
+      copy(blockIdx.x, 0);
+      copy_grad(pix, pixels, 0);
+    }
+    cp_async_commit();
   } else {
 #pragma unroll
     for (int i = 0; i < kSlots - 1; ++i) {
@@ -358,14 +343,14 @@ __global__ void __launch_bounds__(kThreads, is_forward(kMode) ? 1 : kGradMinBloc
   // last repeated past the chunk count), and the weight-gradient accumulators:
   // dw[u] = (channel 16w + g, input channels 8p + 2t, +1 of chunk u = (p, tap)),
   // (channel + 8, ...): chunk u's 8 columns of the wgmma accumulator.
-  int w_off[kWeightGrad ? kMaxWChunks + 1 : 1];
+  int w_off[kWeightGrad ? kMaxWChunks + 1 : 1];  // in 16-byte chunks
   float dw[kWeightGrad ? kMaxWChunks : 1][4];
   if constexpr (kWeightGrad) {
 #pragma unroll
     for (int u = 0; u <= kMaxWChunks; ++u) {
       const int uc = min(u, s.chunks - 1), p = uc / taps, tap = uc - p * taps;
       const int rr = tap / s.kw, q = tap - rr * s.kw;
-      w_off[u] = ((p * s.staged_rows + rr * s.dil_h) * s.staged_w + q * s.dil_w) * kChunkBytes;
+      w_off[u] = (p * s.staged_rows + rr * s.dil_h) * s.staged_w + q * s.dil_w;
     }
 #pragma unroll
     for (int u = 0; u < kMaxWChunks; ++u) dw[u][0] = dw[u][1] = dw[u][2] = dw[u][3] = 0.f;
@@ -426,12 +411,22 @@ __global__ void __launch_bounds__(kThreads, is_forward(kMode) ? 1 : kGradMinBloc
     for (int r = 0; r < rows; ++r) {
       const int64_t row_pix = (n * s.h_out + oh0 + r) * s.w_out + ow0;  // NHWC pixel index
       if constexpr (kGrad) {
-        // The row kGradStages - 1 ahead, into the stage (and, at its strip's
-        // first row, the slot) that the previous row read and every warp has
-        // left. Then all but the newest kGradStages - 1 groups have landed:
-        // this row's g and its strip. The fence hands them to the async proxy.
-        prefetch_row();
-        cp_async_wait<kGradStages - 1>();
+        // The next row's g into the other stage, and at a strip's last row
+        // the next strip into the other slot, with its first row's g: both
+        // were last read by the previous row, which every warp has left. (The
+        // strip origin's divisions run once per strip.) Then all but this
+        // newest group have landed: this row's g and its strip.
+        if (r + 1 < rows) {
+          copy_grad(row_pix + s.w_out, pixels, buf ^ 1);
+        } else if (strip + step < s.strips) {
+          int64_t pix;
+          int next_pixels;
+          strip_pixels(strip + step, pix, next_pixels);
+          copy(strip + step, slot ^ 1);
+          copy_grad(pix, next_pixels, buf ^ 1);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
         fence_proxy_async_shared();
         __syncthreads();
       }
@@ -539,33 +534,35 @@ __global__ void __launch_bounds__(kThreads, is_forward(kMode) ? 1 : kGradMinBloc
             // Chunks past the last read the zero region instead (their
             // accumulators are never stored): no branch between the MMAs,
             // where ptxas would insert a warpgroup.arrive before each (C7519).
-            const uint32_t row_x = slot_addr + r * row_bytes;
+            // Descriptors by 32-bit addition to their low word (desc_join):
+            // w_off and the k-step offsets are in 16-byte units.
+            const uint32_t n_stride = (s.kw == 3 ? s.dil_w : 1) * kChunkBytes;
+            const DescWords a0 = desc_mn_major_words(stage_r_addr, kCmPixelGroup, 128);
+            const DescWords b0 =
+                desc_mn_major_words(slot_addr + r * row_bytes, 8 * kChunkBytes, n_stride);
+            const uint32_t b_zero = desc_mn_major_words(zero_addr, 8 * kChunkBytes, n_stride).lo;
+            constexpr uint32_t kAStep = 2 * kCmPixelGroup / 16;  // 16 pixels of the stage
+            constexpr uint32_t kBStep = 16 * kChunkBytes / 16;   // 16 pixels of the strip
             wgmma_fence();
             if (s.kw == 3) {
 #pragma unroll
               for (int ks = 0; ks < kPix / 16; ++ks) {
-                const uint64_t a =
-                    desc_mn_major(stage_r_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
 #pragma unroll
                 for (int u = 0; u < kMaxWChunks; u += 3) {
-                  const uint32_t b =
-                      u < s.chunks ? row_x + w_off[u] + ks * 16 * kChunkBytes : zero_addr;
-                  wgmma_16bit_ss_n24_mn_major<T>(
-                      dw[u], dw[u + 1], dw[u + 2], a,
-                      desc_mn_major(b, 8 * kChunkBytes, s.dil_w * kChunkBytes));
+                  const uint32_t b = u < s.chunks ? b0.lo + w_off[u] + ks * kBStep : b_zero;
+                  wgmma_16bit_ss_n24_mn_major<T>(dw[u], dw[u + 1], dw[u + 2],
+                                                 desc_join(a0.lo + ks * kAStep, a0.hi),
+                                                 desc_join(b, b0.hi));
                 }
               }
             } else {
 #pragma unroll
               for (int ks = 0; ks < kPix / 16; ++ks) {
-                const uint64_t a =
-                    desc_mn_major(stage_r_addr + ks * 2 * kCmPixelGroup, kCmPixelGroup, 128);
 #pragma unroll
                 for (int u = 0; u < kMaxWChunks; ++u) {
-                  const uint32_t b =
-                      u < s.chunks ? row_x + w_off[u] + ks * 16 * kChunkBytes : zero_addr;
-                  wgmma_16bit_ss_n8_mn_major<T>(dw[u], a,
-                                                desc_mn_major(b, 8 * kChunkBytes, kChunkBytes));
+                  const uint32_t b = u < s.chunks ? b0.lo + w_off[u] + ks * kBStep : b_zero;
+                  wgmma_16bit_ss_n8_mn_major<T>(dw[u], desc_join(a0.lo + ks * kAStep, a0.hi),
+                                                desc_join(b, b0.hi));
                 }
               }
             }
@@ -582,7 +579,7 @@ __global__ void __launch_bounds__(kThreads, is_forward(kMode) ? 1 : kGradMinBloc
       } else {
         stats.add_row(acc, valid, cnt, inv);
       }
-      if constexpr (kGrad) buf = buf == kGradStages - 1 ? 0 : buf + 1;
+      if constexpr (kGrad) buf ^= 1;
     }
     slot = slot == kSlots - 1 ? 0 : slot + 1;
   }

@@ -71,12 +71,18 @@ struct RowStatistics {
   // partials[blockIdx.y][gridDim.x][64][3] (lane t == 0 of each quad writes).
   __device__ __forceinline__ void write(float* __restrict__ partials, int warp, int g,
                                         int t) const {
+    write_unit(partials, blockIdx.x, gridDim.x, warp, g, t);
+  }
+  // The same for unit `unit` of `units` per channel block (a warpgroup of a
+  // block of several): partials[blockIdx.y][units][64][3].
+  __device__ __forceinline__ void write_unit(float* __restrict__ partials, int64_t unit,
+                                             int64_t units, int warp, int g, int t) const {
     if (t != 0) return;
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
-      float* dst = partials + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * 64 +
-                               16 * warp + g + 8 * p) *
-                                  3;
+      float* dst =
+          partials +
+          ((static_cast<int64_t>(blockIdx.y) * units + unit) * 64 + 16 * warp + g + 8 * p) * 3;
       dst[0] = n;
       dst[1] = mean[p];
       dst[2] = m2[p];

@@ -36,6 +36,22 @@ __device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr, uint32_t k_byte
   return kMnMajorLeadIsK ? desc_at(addr, k_bytes, mn_bytes) : desc_at(addr, mn_bytes, k_bytes);
 }
 
+// A descriptor's two 32-bit words. The low word's start-address field (bits
+// 0-13, in 16-byte units) holds any shared-memory address (< 256 KB) without
+// overflow, so an operand offset by a multiple of 16 bytes is one 32-bit add to
+// the low word: desc_words(addr + 16 k) = {lo + k, hi}.
+struct DescWords {
+  uint32_t lo, hi;
+};
+__device__ __forceinline__ DescWords desc_mn_major_words(uint32_t addr, uint32_t k_bytes,
+                                                         uint32_t mn_bytes) {
+  const uint64_t d = desc_mn_major(addr, k_bytes, mn_bytes);
+  return {static_cast<uint32_t>(d), static_cast<uint32_t>(d >> 32)};
+}
+__device__ __forceinline__ uint64_t desc_join(uint32_t lo, uint32_t hi) {
+  return static_cast<uint64_t>(hi) << 32 | lo;
+}
+
 // A 16-byte asynchronous copy global -> shared, zeros when !valid (src is
 // then not read).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
