@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _autograd
+
 __all__ = ["conv_bn_scale", "conv_bn_eval", "conv_bn_train", "conv_output_size"]
 
 IntOrPair = int | Sequence[int]
@@ -86,16 +88,16 @@ def _resolve_padding(
     return input, before
 
 
-def _call_op(op, *args):
-    """op(*args), without torch.library's Python autograd wrapper where it would only
-    redispatch: the wrapper (torch/_library/autograd.py) records a node only when grad mode is
-    on and an argument requires grad, else it calls the op below the autograd layer. Making
-    that test here saves the wrapper's host time (about 10 us per call) under no_grad and for
-    calls with nothing to differentiate. Under torch.compile the op is traced as registered."""
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
-    ):
+def _call_op(op, function, *args):
+    """op(*args), without torch.library's Python autograd wrapper on the eager path: under
+    torch.compile the op is traced as registered; with grad mode on and an argument that
+    requires grad, `function` (fused_conv._autograd: the registered formulas as an
+    autograd.Function, without the wrapper's per-call host time) records the node; otherwise
+    the op runs below the autograd layer, as the wrapper itself would run it."""
+    if torch.compiler.is_compiling():
         return op(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return function.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
@@ -131,7 +133,7 @@ def conv_bn_eval(
     input, stride, padding, dilation = _geometry(input, weight, stride, padding, dilation)
     scale_tensor, scale_value = _split_scale(scale)
     return _call_op(
-        torch.ops.fused_conv.conv_bn_eval.default,
+        torch.ops.fused_conv.conv_bn_eval.default, _autograd.EvalFunction,
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
         scale_tensor, scale_value, stride, padding, dilation, groups,
     )  # fmt: skip
@@ -156,7 +158,7 @@ def conv_bn_train(
     input, stride, padding, dilation = _geometry(input, weight, stride, padding, dilation)
     scale_tensor, scale_value = _split_scale(scale)
     return _call_op(
-        torch.ops.fused_conv.conv_bn_train.default,
+        torch.ops.fused_conv.conv_bn_train.default, _autograd.TrainFunction,
         input, weight, bias, bn_weight, bn_bias, float(eps), scale_tensor, scale_value,
         stride, padding, dilation, groups,
     )  # fmt: skip
