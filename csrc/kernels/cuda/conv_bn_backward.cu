@@ -163,7 +163,6 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
   const ConvParams conv{stride, padding, dilation, 1};
   const at::MemoryFormat format = format_of(s);
   const at::Tensor x = input.contiguous(format);
-  const at::Tensor w = weight.contiguous();
   const at::Tensor grad = grad_out.contiguous(format);
 
   const at::Tensor invstd_f = invstd.to(at::kFloat).contiguous();
@@ -178,8 +177,11 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
   // (grad_moments.cu, which also gives the weight gradient) where they cover
   // the shape, else pass 1 and finalize.
   const bool moments = grad_moments_supports(input, weight, stride, padding, dilation, 1);
-  // float16 / bfloat16 channels_last on Hopper: passes 1 and 2 on the 16-bit row kernel.
+  // float16 / bfloat16 channels_last on Hopper: passes 1 and 2 on the 16-bit row kernel,
+  // which (like its data gradient) reads the weight by its strides; the other kernels
+  // read it contiguous.
   const bool rows16 = !moments && conv_rows16_grad_supports(s, x, grad, input.get_device());
+  const at::Tensor w = rows16 ? strided_weight(weight) : weight.contiguous();
   at::Tensor rows, moments_grad_weight;
   GradTerms terms{grad.const_data_ptr(), center.const_data_ptr<float>(), nullptr, nullptr, nullptr};
   if (moments) {
@@ -274,8 +276,6 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
         const auto [w_partials, grid_x] = conv_rows16_grad_out_w(s, x, w, terms, g_hat);
         grad_weight =
             reduce_weight_grad(w_partials, grid_x, kRowsChannels, s.kh * s.kw * s.c_in, s, weight);
-        // w: the contiguous copy already made (saves a second copy of a
-        // channels_last weight); the data gradient does not depend on layout.
         if (input_weight_mask[0]) grad_input = conv_grads(g_hat, w, {true, false}).first;
       } else {
         if (rows16) {

@@ -86,8 +86,18 @@ at::Tensor empty_output(const at::Tensor& input, const ConvShape& s) {
                                                                  : at::MemoryFormat::Contiguous));
 }
 
+// The weight as the kernels for x take it: the 16-bit row kernel reads any
+// strides (a channels_last module's weight: no copy per call), the others read
+// it contiguous.
+at::Tensor weight_for(const ConvShape& s, const at::Tensor& x, const at::Tensor& weight,
+                      int device) {
+  return conv_rows16_supports(s, x, device) ? strided_weight(weight) : weight.contiguous();
+}
+
 // out = a[c]*conv(x) + d[c] (eval, and the training forward's normalise pass):
-// on a row kernel where one covers the shape, else on the tile kernel.
+// on a row kernel where one covers the shape, else on the tile kernel. w as
+// weight_for() gives it (.contiguous() below is a no-op but where
+// FUSED_CONV_FORWARD_KERNEL=rows-stats moves a 16-bit apply to the tile kernel).
 void apply_fold(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const BnFold& fold,
                 at::Tensor& out, int device) {
   if (conv_rows_apply_supports(s, x.scalar_type(), device)) {
@@ -95,7 +105,7 @@ void apply_fold(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, co
   } else if (conv_rows16_apply_supports(s, x, device)) {
     conv_rows16_apply(s, x, w, fold, out);
   } else {
-    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
+    run_tile_kernel<TileMode::kApply>(s, x, w.contiguous(), fold, GradTerms{}, out, nullptr);
   }
 }
 
@@ -133,7 +143,7 @@ at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(shape.has_value(), "fused_conv: configuration outside the tile kernel's reach");
   const ConvShape& s = *shape;
   const at::Tensor x = input.contiguous(format_of(s));
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor w = weight_for(s, x, weight, input.get_device());
   const FoldInputs params = fold_inputs(bias, bn_weight, bn_bias, scale_tensor);
   const at::Tensor mean = running_mean.to(at::kFloat).contiguous();
   const at::Tensor var = running_var.to(at::kFloat).contiguous();
@@ -152,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
   TORCH_CHECK(shape.has_value(), "fused_conv: configuration outside the tile kernel's reach");
   const ConvShape& s = *shape;
   const at::Tensor x = input.contiguous(format_of(s));
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor w = weight_for(s, x, weight, input.get_device());
   const FoldInputs params = fold_inputs(bias, bn_weight, bn_bias, scale_tensor);
   const auto stats_options = input.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({s.c_out}, stats_options);

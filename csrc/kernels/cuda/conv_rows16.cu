@@ -103,6 +103,7 @@ struct Rows16Shape : RowStrips {
   int items;       // 16-byte pieces of a strip: planes*staged_rows*staged_w
   int slot_bytes;  // items*16
   int w_bytes;     // k_steps*2*64*16
+  WeightStrides ws;  // of the weight as given (run_rows16 sets them)
 };
 
 // The input ring's slots and the [pixel][channel] stages per mode. The forward
@@ -319,8 +320,9 @@ __global__ void __launch_bounds__(kThreads, is_forward(kMode) ? 1 : kGradMinBloc
   for (int i = threadIdx.x; i < s.k_steps * 2 * kCo * 8; i += kThreads) {
     const int u = i / (kCo * 8), co = (i >> 3) & (kCo - 1), e = i & 7;
     const int p = u / taps, tap = u - p * taps, c = c_base + co;
+    const int tr = tap / s.kw, tq = tap - tr * s.kw;
     w_t[i] = u < s.chunks && c < s.c_out
-                 ? w[(static_cast<int64_t>(c) * s.c_in + 8 * p + e) * taps + tap]
+                 ? w[c * s.ws.co + ((8 * p + e) * s.ws.ci + tr * s.ws.r + tq * s.ws.q)]
                  : from_float<T>(0.f);
   }
   for (int i = threadIdx.x; i < kZeroBytes / 16; i += kThreads) {
@@ -648,8 +650,11 @@ int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f,
 }
 
 template <Rows16Mode kMode>
-int run_rows16(const Rows16Shape& r, const at::Tensor& x, const at::Tensor& w, const BnFold& f,
-               const GradTerms& gt, float* partials, at::Tensor* out, bool dry_run) {
+int run_rows16(const Rows16Shape& shape, const at::Tensor& x, const at::Tensor& w,
+               const BnFold& f, const GradTerms& gt, float* partials, at::Tensor* out,
+               bool dry_run) {
+  Rows16Shape r = shape;
+  r.ws = weight_strides(w);
   const auto launch = [&](auto tag) {
     using T = decltype(tag);
     return launch_rows16<T, kMode>(
@@ -694,6 +699,8 @@ bool conv_rows16_supports(const ConvShape& s, const at::Tensor& x, int device) {
       reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 != 0) {
     return false;
   }
+  // 32-bit weight offsets (WeightStrides).
+  if (static_cast<int64_t>(s.c_out) * s.c_in * s.kh * s.kw >= (int64_t{1} << 31)) return false;
   if (compute_capability_major(device) != 9) return false;
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
   const size_t bytes =
