@@ -72,9 +72,9 @@ at::Tensor strided_weight(const at::Tensor& w) {
 }
 
 WeightStrides weight_strides(const at::Tensor& w) {
-  TORCH_INTERNAL_ASSERT(w.dim() == 4 && w.numel() < (int64_t{1} << 31) &&
-                            strided_weight(w).is_same(w),
-                        "fused_conv: a weight outside 32-bit offsets reached a 16-bit row kernel");
+  TORCH_INTERNAL_ASSERT(
+      w.dim() == 4 && w.numel() < (int64_t{1} << 31) && strided_weight(w).is_same(w),
+      "fused_conv: a weight outside 32-bit offsets reached a 16-bit row kernel");
   return {static_cast<int>(w.stride(0)), static_cast<int>(w.stride(1)),
           static_cast<int>(w.stride(2)), static_cast<int>(w.stride(3))};
 }
