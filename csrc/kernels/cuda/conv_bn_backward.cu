@@ -47,6 +47,7 @@
 #include "kernels/cuda/bn_param_grads.h"
 #include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/conv_rows16.h"
+#include "kernels/cuda/finalize_reduce.cuh"
 #include "kernels/cuda/grad_coefficients.cuh"
 #include "kernels/cuda/grad_input_correction.h"
 #include "kernels/cuda/grad_input_rows16.h"
@@ -58,46 +59,25 @@
 namespace fused_conv::cuda {
 namespace {
 
-// One block of kFinalizeWarps warps per channel: thread t sums the block
-// partials t, t + 256, ... in float64, a shuffle tree each warp's lanes, thread
-// 0 the warps in order (a fixed order: bitwise reproducible). One warp per
-// channel took 0.004 ms on the 16-bit reference step.
-constexpr int kFinalizeWarps = 8;
-
-__global__ void __launch_bounds__(32 * kFinalizeWarps)
+// One block per channel (finalize_reduce.cuh: a fixed order, so results are
+// bitwise reproducible) sums the per-block partials in float64.
+__global__ void __launch_bounds__(kFinalizeThreads)
     finalize_grad_kernel(const float* __restrict__ partials, int grid_x, int bn, int64_t c_out,
                          const float* __restrict__ invstd, const float* __restrict__ k,
                          double count, bool training, float* __restrict__ rows) {
-  __shared__ double warp_sums[3][kFinalizeWarps];
   const int64_t c = blockIdx.x;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t cb = c / bn, cl = c % bn;
-  double sg = 0, sgy = 0, sy = 0;
-  for (int b = threadIdx.x; b < grid_x; b += 32 * kFinalizeWarps) {
+  const auto add = [](double (&v)[3], const double (&o)[3]) {
+    for (int i = 0; i < 3; ++i) v[i] += o[i];
+  };
+  double v[3] = {0, 0, 0};  // sum g, sum g*(y - ctr), sum (y - ctr)
+  for (int b = threadIdx.x; b < grid_x; b += kFinalizeThreads) {
     const float* p = partials + ((cb * grid_x + b) * bn + cl) * 3;
-    sg += p[0];
-    sgy += p[1];
-    sy += p[2];
+    add(v, {p[0], p[1], p[2]});
   }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    sg += __shfl_down_sync(0xffffffffu, sg, offset);
-    sgy += __shfl_down_sync(0xffffffffu, sgy, offset);
-    sy += __shfl_down_sync(0xffffffffu, sy, offset);
-  }
-  if (lane == 0) {
-    warp_sums[0][warp] = sg;
-    warp_sums[1][warp] = sgy;
-    warp_sums[2][warp] = sy;
-  }
-  __syncthreads();
-  if (threadIdx.x != 0 || c >= c_out) return;
-  for (int w = 1; w < kFinalizeWarps; ++w) {
-    sg += warp_sums[0][w];
-    sgy += warp_sums[1][w];
-    sy += warp_sums[2][w];
-  }
-  store_grad_rows(rows, c_out, c, sg,
-                  grad_coefficients(sg, sgy, sy, invstd[c], k[c], count, training));
+  if (!finalize_reduce(v, add) || c >= c_out) return;
+  store_grad_rows(rows, c_out, c, v[0],
+                  grad_coefficients(v[0], v[1], v[2], invstd[c], k[c], count, training));
 }
 
 // grad_weight[co][ci][r] = sum over the blocks of the kGradOutW partials
@@ -218,7 +198,7 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
       bn = 8 * n_tiles_for(s.c_out);
     }
     rows = at::empty({kGradRows, s.c_out}, input.options().dtype(at::kFloat));
-    finalize_grad_kernel<<<static_cast<unsigned>(s.c_out), 32 * kFinalizeWarps, 0,
+    finalize_grad_kernel<<<static_cast<unsigned>(s.c_out), kFinalizeThreads, 0,
                            c10::cuda::getCurrentCUDAStream()>>>(
         partials.const_data_ptr<float>(), grid_x, bn, s.c_out, invstd_f.const_data_ptr<float>(),
         k.const_data_ptr<float>(), static_cast<double>(count), training,

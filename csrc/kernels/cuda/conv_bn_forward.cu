@@ -20,51 +20,32 @@
 
 #include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/conv_rows16.h"
+#include "kernels/cuda/finalize_reduce.cuh"
 #include "kernels/cuda/tile_launch.cuh"
 
 namespace fused_conv::cuda {
 namespace {
 
-// One block of kFinalizeWarps warps per channel: thread t merges the block
-// summaries t, t + 256, ..., each warp's lanes by a shuffle tree, then thread 0
-// the warps' results in warp order. The order is fixed, so results are bitwise
-// reproducible. Adds the conv bias to the mean; var is biased (divides by M).
-// One warp per channel took 0.011 ms on the reference problem (~400-530
-// summaries: each lane a chain of ~15 merges, each waiting on its load); here
-// a thread merges at most a few.
-constexpr int kFinalizeWarps = 8;
-
-__global__ void __launch_bounds__(32 * kFinalizeWarps)
+// One block per channel (finalize_reduce.cuh: a fixed order, so results are
+// bitwise reproducible) merges the per-block Chan summaries. Adds the conv bias
+// to the mean; var is biased (divides by M).
+__global__ void __launch_bounds__(kFinalizeThreads)
     finalize_stats_kernel(const float* __restrict__ partials, int grid_x, int bn, int64_t c_out,
                           const float* __restrict__ bias, float eps, float* __restrict__ mean_out,
                           float* __restrict__ invstd_out) {
-  __shared__ double warp_stats[3][kFinalizeWarps];
   const int64_t c = blockIdx.x;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t cb = c / bn, cl = c % bn;
-  double n = 0, mean = 0, m2 = 0;
-  for (int b = threadIdx.x; b < grid_x; b += 32 * kFinalizeWarps) {
+  const auto merge = [](double (&v)[3], const double (&o)[3]) {
+    chan_merge<double>(v[0], v[1], v[2], o[0], o[1], o[2]);
+  };
+  double v[3] = {0, 0, 0};  // count, mean, M2
+  for (int b = threadIdx.x; b < grid_x; b += kFinalizeThreads) {
     const float* p = partials + ((cb * grid_x + b) * bn + cl) * 3;
-    chan_merge<double>(n, mean, m2, p[0], p[1], p[2]);
+    merge(v, {p[0], p[1], p[2]});
   }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const double nb = __shfl_down_sync(0xffffffffu, n, offset);
-    const double mb = __shfl_down_sync(0xffffffffu, mean, offset);
-    const double m2b = __shfl_down_sync(0xffffffffu, m2, offset);
-    if (lane < offset) chan_merge<double>(n, mean, m2, nb, mb, m2b);
-  }
-  if (lane == 0) {
-    warp_stats[0][warp] = n;
-    warp_stats[1][warp] = mean;
-    warp_stats[2][warp] = m2;
-  }
-  __syncthreads();
-  if (threadIdx.x != 0 || c >= c_out) return;
-  for (int w = 1; w < kFinalizeWarps; ++w) {
-    chan_merge<double>(n, mean, m2, warp_stats[0][w], warp_stats[1][w], warp_stats[2][w]);
-  }
-  mean_out[c] = static_cast<float>(mean + (bias ? bias[c] : 0.f));
-  invstd_out[c] = static_cast<float>(1.0 / sqrt(m2 / n + static_cast<double>(eps)));
+  if (!finalize_reduce(v, merge) || c >= c_out) return;
+  mean_out[c] = static_cast<float>(v[1] + (bias ? bias[c] : 0.f));
+  invstd_out[c] = static_cast<float>(1.0 / sqrt(v[2] / v[0] + static_cast<double>(eps)));
 }
 
 at::Tensor float_or_empty(const std::optional<at::Tensor>& t) {
@@ -203,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
 
   // Pass 2: merge the per-block summaries into mean / invstd.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  finalize_stats_kernel<<<static_cast<unsigned>(s.c_out), 32 * kFinalizeWarps, 0, stream>>>(
+  finalize_stats_kernel<<<static_cast<unsigned>(s.c_out), kFinalizeThreads, 0, stream>>>(
       partials.const_data_ptr<float>(), grid_x, bn, s.c_out, ptr_or_null(params.bias),
       static_cast<float>(eps), mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
