@@ -150,3 +150,43 @@ def test_fake_train_matches_real_metadata(device):
     for r, f in zip(real, fake, strict=True):
         assert r.shape == f.shape and r.dtype == f.dtype and r.stride() == f.stride()
     assert real[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind,cl", [("plain", False), ("grouped", True)])
+def test_functional_route_matches_the_registered_autograd(kind, cl, training, device):
+    """fused_conv.ops records its own autograd.Function (the registered formulas without
+    torch.library's per-call wrapper); a direct op call records the registered one. Both must
+    give the same output and the same gradients, to the bit."""
+    g, a = _args(kind, cl, True, True, torch.float64, True, device,
+                 seed_of("route", kind, cl, training, device))  # fmt: skip
+    rm = _t(g, (a["c_out"],), device, torch.float64)
+    rv = _t(g, (a["c_out"],), device, torch.float64, positive=True)
+    leaves = [a[k] for k in ("x", "w", "b", "gamma", "beta", "st")]
+    conv = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"])
+    if training:
+        via_ops = fused_conv.ops.conv_bn_train(
+            *leaves[:5], eps=1e-5, scale=a["st"], groups=a["groups"], **conv
+        )[0]
+        direct = OPS.conv_bn_train(
+            *leaves[:5], 1e-5, a["st"], 1.0, a["stride"], a["padding"], a["dilation"],
+            a["groups"],
+        )[0]  # fmt: skip
+    else:
+        via_ops = fused_conv.ops.conv_bn_eval(
+            *leaves[:5], rm, rv, eps=1e-5, scale=a["st"], groups=a["groups"], **conv
+        )
+        direct = OPS.conv_bn_eval(
+            *leaves[:5], rm, rv, 1e-5, a["st"], 1.0, a["stride"], a["padding"], a["dilation"],
+            a["groups"],
+        )  # fmt: skip
+    assert type(via_ops.grad_fn).__name__.startswith("ConvBN")
+    assert type(direct.grad_fn).__name__.startswith("GeneratedBackwardFor_fused_conv")
+    grad_out = _t(g, tuple(via_ops.shape), device, torch.float64)
+    got = torch.autograd.grad(via_ops, leaves, grad_out)
+    want = torch.autograd.grad(direct, leaves, grad_out)
+    assert torch.equal(via_ops, direct)
+    for name, a_grad, w_grad in zip(("x", "w", "b", "gamma", "beta", "st"), got, want, strict=True):
+        assert torch.isfinite(a_grad).all(), name
+        assert torch.equal(a_grad, w_grad), name
