@@ -31,7 +31,7 @@ namespace {
 // to the mean; var is biased (divides by M).
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_stats_kernel(const float* __restrict__ partials, int grid_x, int bn, int64_t c_out,
-                          const float* __restrict__ bias, float eps, float* __restrict__ mean_out,
+                          ParamPtr bias, float eps, float* __restrict__ mean_out,
                           float* __restrict__ invstd_out) {
   const int64_t c = blockIdx.x;
   const int64_t cb = c / bn, cl = c % bn;
@@ -44,37 +44,49 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     merge(v, {p[0], p[1], p[2]});
   }
   if (!finalize_reduce(v, merge) || c >= c_out) return;
-  mean_out[c] = static_cast<float>(v[1] + (bias ? bias[c] : 0.f));
+  mean_out[c] = static_cast<float>(v[1] + (bias.data ? load_param(bias, c) : 0.f));
   invstd_out[c] = static_cast<float>(1.0 / sqrt(v[2] / v[0] + static_cast<double>(eps)));
 }
 
-at::Tensor float_or_empty(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->to(at::kFloat).contiguous() : at::Tensor();
+// t as the kernels read it (ParamPtr): itself where it is a contiguous float32,
+// float16 or bfloat16 tensor, else a float32 copy that `keep` holds for the
+// launch; absent when t is.
+ParamPtr param_of(const std::optional<at::Tensor>& t, at::Tensor& keep) {
+  if (!t.has_value() || !t->defined()) return {};
+  const at::ScalarType dtype = t->scalar_type();
+  if (t->is_contiguous() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16)) {
+    return {t->const_data_ptr(), dtype == at::kFloat  ? ParamType::kFloat32
+                                 : dtype == at::kHalf ? ParamType::kFloat16
+                                                      : ParamType::kBFloat16};
+  }
+  keep = t->to(at::kFloat).contiguous();
+  return {keep.const_data_ptr(), ParamType::kFloat32};
 }
 
-struct FoldInputs {  // float32 copies (no-ops for float32 tensors) kept alive for the launch
-  at::Tensor bias, gamma, beta, scale_tensor;
-  BnFold fold(const at::Tensor& mean, const at::Tensor& var_or_invstd, bool is_invstd, double eps,
-              double scale) const {
-    return BnFold{ptr_or_null(bias),
-                  ptr_or_null(gamma),
-                  ptr_or_null(beta),
-                  mean.data_ptr<float>(),
-                  var_or_invstd.data_ptr<float>(),
+// The fold's parameters, with the float32 copies that some of them need
+// (param_of) held until the op has issued its launches.
+struct FoldInputs {
+  at::Tensor copies[6];
+  ParamPtr bias, gamma, beta, scale_tensor;
+  FoldInputs(const std::optional<at::Tensor>& conv_bias, const std::optional<at::Tensor>& bn_weight,
+             const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& scale)
+      : bias(param_of(conv_bias, copies[0])),
+        gamma(param_of(bn_weight, copies[1])),
+        beta(param_of(bn_bias, copies[2])),
+        scale_tensor(param_of(scale, copies[3])) {}
+  BnFold fold(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var_or_invstd,
+              bool is_invstd, double eps, double scale) {
+    return BnFold{bias,
+                  gamma,
+                  beta,
+                  param_of(mean, copies[4]),
+                  param_of(var_or_invstd, copies[5]),
                   is_invstd,
                   static_cast<float>(eps),
-                  ptr_or_null(scale_tensor),
+                  scale_tensor,
                   static_cast<float>(scale)};
   }
 };
-
-FoldInputs fold_inputs(const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& bn_weight,
-                       const std::optional<at::Tensor>& bn_bias,
-                       const std::optional<at::Tensor>& scale_tensor) {
-  return {float_or_empty(bias), float_or_empty(bn_weight), float_or_empty(bn_bias),
-          float_or_empty(scale_tensor)};
-}
 
 at::Tensor empty_output(const at::Tensor& input, const ConvShape& s) {
   return at::empty({s.n, s.c_out, s.h_out, s.w_out},
@@ -140,11 +152,10 @@ at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
   const ConvShape& s = *shape;
   const at::Tensor x = input.contiguous(format_of(s));
   const at::Tensor w = weight_for(s, x, weight, input.get_device());
-  const FoldInputs params = fold_inputs(bias, bn_weight, bn_bias, scale_tensor);
-  const at::Tensor mean = running_mean.to(at::kFloat).contiguous();
-  const at::Tensor var = running_var.to(at::kFloat).contiguous();
+  FoldInputs params(bias, bn_weight, bn_bias, scale_tensor);
   at::Tensor out = empty_output(input, s);
-  apply_fold(s, x, w, params.fold(mean, var, false, eps, scale), out, input.get_device());
+  apply_fold(s, x, w, params.fold(running_mean, running_var, false, eps, scale), out,
+             input.get_device());
   return out;
 }
 
@@ -159,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
   const ConvShape& s = *shape;
   const at::Tensor x = input.contiguous(format_of(s));
   const at::Tensor w = weight_for(s, x, weight, input.get_device());
-  const FoldInputs params = fold_inputs(bias, bn_weight, bn_bias, scale_tensor);
+  FoldInputs params(bias, bn_weight, bn_bias, scale_tensor);
   const auto stats_options = input.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({s.c_out}, stats_options);
   at::Tensor invstd = at::empty({s.c_out}, stats_options);
@@ -185,8 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
   // Pass 2: merge the per-block summaries into mean / invstd.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   finalize_stats_kernel<<<static_cast<unsigned>(s.c_out), kFinalizeThreads, 0, stream>>>(
-      partials.const_data_ptr<float>(), grid_x, bn, s.c_out, ptr_or_null(params.bias),
-      static_cast<float>(eps), mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>());
+      partials.const_data_ptr<float>(), grid_x, bn, s.c_out, params.bias, static_cast<float>(eps),
+      mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Pass 3: normalise with the batch statistics.
