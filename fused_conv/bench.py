@@ -155,6 +155,7 @@ TOLERANCES = {
 }
 # Relative bound on the updated running statistics (train mode).
 STATS_TOLERANCE = {"fp32": 1e-4, "tf32": 5e-3, "fp16": 5e-3, "bf16": 3e-2}
+HOST_BOUND = 0.9  # host_ms / median_ms from which a fused row is reported as host-bound
 GRAD_FACTOR = 5.0  # gradients (train_step) get TOLERANCES x this
 SLACK = 3.0  # ... or SLACK x eager's own error on the same tensor, whichever is larger
 
@@ -253,7 +254,9 @@ def _sync(device: torch.device) -> None:
 
 def time_calls(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> dict:
     """Per-call times: CUDA events around each call (calls back to back, one sync at the end),
-    or perf_counter on CPU. Returns median / p10 / p90 in ms."""
+    or perf_counter on CPU. Returns median / p10 / p90 in ms; on CUDA also host_ms, the host's
+    time to issue one call (the same loop by perf_counter, before the sync): where it comes
+    near the median, the host, not the GPU, set the measured time."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -262,18 +265,20 @@ def time_calls(fn: Callable[[], object], device: torch.device, iters: int, warmu
             (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             for _ in range(iters)
         ]
+        t0 = time.perf_counter()
         for start, end in events:
             start.record()
             fn()
             end.record()
+        host_ms = (time.perf_counter() - t0) * 1e3 / iters
         torch.cuda.synchronize(device)
         times = [start.elapsed_time(end) for start, end in events]
-    else:
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        return {**_summary(times), "host_ms": host_ms}
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return _summary(times)
 
 
@@ -1108,6 +1113,18 @@ def collect_notes(rows: list[dict], skipped: list[RowSpec], fatal, args) -> list
                 notes.append(f"(no CUDA graph) {tag} {LABELS[c]}: {res['graph_error']}")
         if "fatal" in r:
             notes.append(f"FATAL {tag}: {r['fatal']} -- later rows skipped")
+    host_bound = [
+        f"{r['case']}/{r['mode']}/{r['dtype']}/{r['layout']} {LABELS[c]} "
+        f"({res['host_ms']:.3f} of {res['median_ms']:.3f} ms)"
+        for r in rows for c, res in r["results"].items()
+        if c in ("fused", "fused_op") and "host_ms" in res and "median_ms" in res
+        and res["host_ms"] >= HOST_BOUND * res["median_ms"]
+    ]  # fmt: skip
+    if host_bound:
+        notes.append(
+            f"host-bound (the host took >= {HOST_BOUND:.0%} of the median to issue a call, so "
+            f"the GPU may have waited; its kernel time is lower): " + ", ".join(host_bound)
+        )
     if skipped:
         reason = f"({fatal})" if fatal else f"by --time-budget {args.time_budget:.0f} s"
         names = [f"{s.case.name}/{s.mode}/{s.dtype}/{s.layout}" for s in skipped]
