@@ -24,14 +24,26 @@ KEYS = ("input", "weight", "bias", "bn_weight", "bn_bias", "scale")
 BOUNDS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def make(n, c_in, h, w, c_out, k, *, dtype, channels_last, seed, offset=0.3):
+def layout_weight(weight, layout):
+    """The weight as given to the op: contiguous, channels_last (what Module.to(memory_format=)
+    makes of a conv's weight), or "strided": a non-dense view whose neighbours in memory are
+    NaN, so that reading it as if contiguous poisons the result."""
+    if layout == "channels_last":
+        return weight.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        return torch.stack([weight, torch.full_like(weight, float("nan"))], dim=-1)[..., 0]
+    return weight
+
+
+def make(n, c_in, h, w, c_out, k, *, dtype, channels_last, seed, offset=0.3,
+         weight_layout="contiguous"):  # fmt: skip
     g = torch.Generator(device=CUDA).manual_seed(seed)
     x = (torch.randn(n, c_in, h, w, device=CUDA, generator=g) + offset).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c_out, c_in, k, k, device=CUDA, generator=g) / (c_in * k * k) ** 0.5
     params = {
-        "weight": weight.to(dtype),
+        "weight": layout_weight(weight.to(dtype), weight_layout),
         "bias": torch.randn(c_out, device=CUDA, generator=g).to(dtype),
         "bn_weight": torch.rand(c_out, device=CUDA, generator=g) + 0.5,
         "bn_bias": torch.randn(c_out, device=CUDA, generator=g),
@@ -70,11 +82,12 @@ def gradients(fn, x, p, grad_out, wanted=KEYS, **kw):
 
 
 def check_backward(
-    shape, *, dtype, channels_last, training, seed, offset=0.3, bound=None, wanted=KEYS
-):
+    shape, *, dtype, channels_last, training, seed, offset=0.3, bound=None, wanted=KEYS,
+    weight_layout="contiguous", check_out=False,
+):  # fmt: skip
     n, c_in, h, w, c_out, k, stride, padding, dilation = shape
     x, p, g = make(n, c_in, h, w, c_out, k, dtype=dtype, channels_last=channels_last, seed=seed,
-                   offset=offset)  # fmt: skip
+                   offset=offset, weight_layout=weight_layout)  # fmt: skip
     conv = dict(stride=stride, padding=padding, dilation=dilation)
     assert fused_conv._C.cuda_tile_kernel_supports(
         x, p["weight"], [stride] * 2, [padding] * 2, [dilation] * 2, 1
@@ -87,8 +100,12 @@ def check_backward(
     if channels_last:
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     out, got = gradients(forward, x, p, grad_out, wanted, training=training, **conv)
-    _, want = gradients(reference_forward, x64, p64, grad_out.double(), training=training, **conv)
+    out64, want = gradients(reference_forward, x64, p64, grad_out.double(), training=training,
+                            **conv)  # fmt: skip
     bound = bound or BOUNDS[dtype]
+    if check_out:
+        out_err = (out.double() - out64).norm().item() / out64.norm().item()
+        assert torch.isfinite(out).all() and out_err <= bound, f"out: relative error {out_err:.2e}"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if "input" in wanted:
         assert got["input"].is_contiguous(memory_format=fmt)
@@ -206,6 +223,25 @@ def test_rows16_backward_with_many_strips_per_block(monkeypatch, rows, dtype):
     n = 4 * torch.cuda.get_device_properties(0).multi_processor_count // per_image + 2
     check_backward((n, 8, 34, 66, 64, 3, 1, 0, 1), dtype=dtype, channels_last=True,
                    training=True, seed=rows + n)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("weight_layout", ["channels_last", "strided"])
+def test_sanitize_rows16_reads_the_weight_by_its_strides(weight_layout, training, dtype):
+    # The 16-bit row kernels (both forward passes, both backward passes, the data gradient)
+    # stage the weight by its strides instead of a contiguous copy per call.
+    shape = (2, 16, 9, 70, 64, 3, 1, 1, 1)
+    n, c_in, h, w, c_out, k, stride, padding, dilation = shape
+    x, p, _ = make(n, c_in, h, w, c_out, k, dtype=dtype, channels_last=True, seed=9,
+                   weight_layout=weight_layout)  # fmt: skip
+    assert not p["weight"].is_contiguous()
+    covered = fused_conv._C.cuda_rows16_supports(
+        x, p["weight"], [stride] * 2, [padding] * 2, [dilation] * 2, 1
+    )
+    assert covered == hopper_with_sm90a()
+    check_backward(shape, dtype=dtype, channels_last=True, training=training, seed=11 + training,
+                   weight_layout=weight_layout, check_out=True)  # fmt: skip
 
 
 DGRAD16_SHAPES = [

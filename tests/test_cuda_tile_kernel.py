@@ -195,6 +195,24 @@ def test_sanitize_rows16_kernel_matches_reference(shape, training, dtype, kernel
           dilation=dilation, channels_last=True)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_sanitize_parameters_read_in_their_own_dtype(training, channels_last, dtype):
+    # The fold reads each per-channel tensor as given (ParamPtr): the input's 16-bit dtype or
+    # float32, mixed, without a cast launch; a non-contiguous one (here beta, with NaN between
+    # its elements) through a float32 copy. nhwc 16-bit: the 16-bit row kernel; else the tile
+    # kernel or, for float32 NCHW, the float32 row kernel.
+    x, weight, p = make(2, 8, 9, 70, 64, 3, dtype=dtype, channels_last=channels_last,
+                        seed=41 + training + 2 * channels_last)  # fmt: skip
+    p["bn_weight"] = p["bn_weight"].to(dtype)
+    p["running_mean"] = p["running_mean"].to(dtype)
+    beta = p["bn_bias"]
+    p["bn_bias"] = torch.stack([beta, torch.full_like(beta, float("nan"))], dim=1)[:, 0]
+    assert not p["bn_bias"].is_contiguous()
+    check(x, weight, p, training=training, dtype=dtype, padding=1, channels_last=channels_last)
+
+
 def test_rows16_kernel_is_not_taken_outside_its_reach():
     x, weight, _ = make(1, 8, 40, 70, 16, 3, dtype=torch.bfloat16, channels_last=True)
     assert not rows16_kernel_covers(x, weight, 2, 1, 1)  # stride 2

@@ -47,6 +47,7 @@
 #include "kernels/cuda/bn_param_grads.h"
 #include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/conv_rows16.h"
+#include "kernels/cuda/finalize_reduce.cuh"
 #include "kernels/cuda/grad_coefficients.cuh"
 #include "kernels/cuda/grad_input_correction.h"
 #include "kernels/cuda/grad_input_rows16.h"
@@ -58,30 +59,25 @@
 namespace fused_conv::cuda {
 namespace {
 
-// One warp per channel: lane l sums the block partials l, l+32, ... in float64,
-// then a shuffle tree sums the lanes (a fixed order: bitwise reproducible).
-__global__ void finalize_grad_kernel(const float* __restrict__ partials, int grid_x, int bn,
-                                     int64_t c_out, const float* __restrict__ invstd,
-                                     const float* __restrict__ k, double count, bool training,
-                                     float* __restrict__ rows) {
+// One block per channel (finalize_reduce.cuh: a fixed order, so results are
+// bitwise reproducible) sums the per-block partials in float64.
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_grad_kernel(const float* __restrict__ partials, int grid_x, int bn, int64_t c_out,
+                         const float* __restrict__ invstd, const float* __restrict__ k,
+                         double count, bool training, float* __restrict__ rows) {
   const int64_t c = blockIdx.x;
-  const int lane = threadIdx.x;
   const int64_t cb = c / bn, cl = c % bn;
-  double sg = 0, sgy = 0, sy = 0;
-  for (int b = lane; b < grid_x; b += 32) {
+  const auto add = [](double (&v)[3], const double (&o)[3]) {
+    for (int i = 0; i < 3; ++i) v[i] += o[i];
+  };
+  double v[3] = {0, 0, 0};  // sum g, sum g*(y - ctr), sum (y - ctr)
+  for (int b = threadIdx.x; b < grid_x; b += kFinalizeThreads) {
     const float* p = partials + ((cb * grid_x + b) * bn + cl) * 3;
-    sg += p[0];
-    sgy += p[1];
-    sy += p[2];
+    add(v, {p[0], p[1], p[2]});
   }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    sg += __shfl_down_sync(0xffffffffu, sg, offset);
-    sgy += __shfl_down_sync(0xffffffffu, sgy, offset);
-    sy += __shfl_down_sync(0xffffffffu, sy, offset);
-  }
-  if (lane != 0 || c >= c_out) return;
-  store_grad_rows(rows, c_out, c, sg,
-                  grad_coefficients(sg, sgy, sy, invstd[c], k[c], count, training));
+  if (!finalize_reduce(v, add) || c >= c_out) return;
+  store_grad_rows(rows, c_out, c, v[0],
+                  grad_coefficients(v[0], v[1], v[2], invstd[c], k[c], count, training));
 }
 
 // grad_weight[co][ci][r] = sum over the blocks of the kGradOutW partials
@@ -163,7 +159,6 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
   const ConvParams conv{stride, padding, dilation, 1};
   const at::MemoryFormat format = format_of(s);
   const at::Tensor x = input.contiguous(format);
-  const at::Tensor w = weight.contiguous();
   const at::Tensor grad = grad_out.contiguous(format);
 
   const at::Tensor invstd_f = invstd.to(at::kFloat).contiguous();
@@ -178,8 +173,11 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
   // (grad_moments.cu, which also gives the weight gradient) where they cover
   // the shape, else pass 1 and finalize.
   const bool moments = grad_moments_supports(input, weight, stride, padding, dilation, 1);
-  // float16 / bfloat16 channels_last on Hopper: passes 1 and 2 on the 16-bit row kernel.
+  // float16 / bfloat16 channels_last on Hopper: passes 1 and 2 on the 16-bit row kernel,
+  // which (like its data gradient) reads the weight by its strides; the other kernels
+  // read it contiguous.
   const bool rows16 = !moments && conv_rows16_grad_supports(s, x, grad, input.get_device());
+  const at::Tensor w = rows16 ? strided_weight(weight) : weight.contiguous();
   at::Tensor rows, moments_grad_weight;
   GradTerms terms{grad.const_data_ptr(), center.const_data_ptr<float>(), nullptr, nullptr, nullptr};
   if (moments) {
@@ -200,7 +198,7 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
       bn = 8 * n_tiles_for(s.c_out);
     }
     rows = at::empty({kGradRows, s.c_out}, input.options().dtype(at::kFloat));
-    finalize_grad_kernel<<<static_cast<unsigned>(s.c_out), 32, 0,
+    finalize_grad_kernel<<<static_cast<unsigned>(s.c_out), kFinalizeThreads, 0,
                            c10::cuda::getCurrentCUDAStream()>>>(
         partials.const_data_ptr<float>(), grid_x, bn, s.c_out, invstd_f.const_data_ptr<float>(),
         k.const_data_ptr<float>(), static_cast<double>(count), training,
@@ -274,8 +272,6 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
         const auto [w_partials, grid_x] = conv_rows16_grad_out_w(s, x, w, terms, g_hat);
         grad_weight =
             reduce_weight_grad(w_partials, grid_x, kRowsChannels, s.kh * s.kw * s.c_in, s, weight);
-        // w: the contiguous copy already made (saves a second copy of a
-        // channels_last weight); the data gradient does not depend on layout.
         if (input_weight_mask[0]) grad_input = conv_grads(g_hat, w, {true, false}).first;
       } else {
         if (rows16) {

@@ -8,7 +8,7 @@
 //          launch).
 //   train: statistics pass (the tile kernel recomputing the conv without
 //          writing it, or where they apply on Hopper the row kernels;
-//          per-block Chan summaries) -> finalize (one warp per channel merges
+//          per-block Chan summaries) -> finalize (one block per channel merges
 //          the summaries in a fixed order: deterministic) -> the eval-style
 //          pass with the batch statistics.
 #include "kernels/cuda/conv_bn_forward.h"
@@ -20,65 +20,73 @@
 
 #include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/conv_rows16.h"
+#include "kernels/cuda/finalize_reduce.cuh"
 #include "kernels/cuda/tile_launch.cuh"
 
 namespace fused_conv::cuda {
 namespace {
 
-// One warp per channel: lane l merges the block summaries l, l+32, ... then a
-// shuffle tree merges the lanes; the order is fixed, so results are bitwise
-// reproducible. Adds the conv bias to the mean; var is biased (divides by M).
-__global__ void finalize_stats_kernel(const float* __restrict__ partials, int grid_x, int bn,
-                                      int64_t c_out, const float* __restrict__ bias, float eps,
-                                      float* __restrict__ mean_out,
-                                      float* __restrict__ invstd_out) {
+// One block per channel (finalize_reduce.cuh: a fixed order, so results are
+// bitwise reproducible) merges the per-block Chan summaries. Adds the conv bias
+// to the mean; var is biased (divides by M).
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_stats_kernel(const float* __restrict__ partials, int grid_x, int bn, int64_t c_out,
+                          ParamPtr bias, float eps, float* __restrict__ mean_out,
+                          float* __restrict__ invstd_out) {
   const int64_t c = blockIdx.x;
-  const int lane = threadIdx.x;
   const int64_t cb = c / bn, cl = c % bn;
-  double n = 0, mean = 0, m2 = 0;
-  for (int b = lane; b < grid_x; b += 32) {
+  const auto merge = [](double (&v)[3], const double (&o)[3]) {
+    chan_merge<double>(v[0], v[1], v[2], o[0], o[1], o[2]);
+  };
+  double v[3] = {0, 0, 0};  // count, mean, M2
+  for (int b = threadIdx.x; b < grid_x; b += kFinalizeThreads) {
     const float* p = partials + ((cb * grid_x + b) * bn + cl) * 3;
-    chan_merge<double>(n, mean, m2, p[0], p[1], p[2]);
+    merge(v, {p[0], p[1], p[2]});
   }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const double nb = __shfl_down_sync(0xffffffffu, n, offset);
-    const double mb = __shfl_down_sync(0xffffffffu, mean, offset);
-    const double m2b = __shfl_down_sync(0xffffffffu, m2, offset);
-    if (lane < offset) chan_merge<double>(n, mean, m2, nb, mb, m2b);
-  }
-  if (lane == 0 && c < c_out) {
-    mean_out[c] = static_cast<float>(mean + (bias ? bias[c] : 0.f));
-    invstd_out[c] = static_cast<float>(1.0 / sqrt(m2 / n + static_cast<double>(eps)));
-  }
+  if (!finalize_reduce(v, merge) || c >= c_out) return;
+  mean_out[c] = static_cast<float>(v[1] + (bias.data ? load_param(bias, c) : 0.f));
+  invstd_out[c] = static_cast<float>(1.0 / sqrt(v[2] / v[0] + static_cast<double>(eps)));
 }
 
-at::Tensor float_or_empty(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->to(at::kFloat).contiguous() : at::Tensor();
+// t as the kernels read it (ParamPtr): itself where it is a contiguous float32,
+// float16 or bfloat16 tensor, else a float32 copy that `keep` holds for the
+// launch; absent when t is.
+ParamPtr param_of(const std::optional<at::Tensor>& t, at::Tensor& keep) {
+  if (!t.has_value() || !t->defined()) return {};
+  const at::ScalarType dtype = t->scalar_type();
+  if (t->is_contiguous() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16)) {
+    return {t->const_data_ptr(), dtype == at::kFloat  ? ParamType::kFloat32
+                                 : dtype == at::kHalf ? ParamType::kFloat16
+                                                      : ParamType::kBFloat16};
+  }
+  keep = t->to(at::kFloat).contiguous();
+  return {keep.const_data_ptr(), ParamType::kFloat32};
 }
 
-struct FoldInputs {  // float32 copies (no-ops for float32 tensors) kept alive for the launch
-  at::Tensor bias, gamma, beta, scale_tensor;
-  BnFold fold(const at::Tensor& mean, const at::Tensor& var_or_invstd, bool is_invstd, double eps,
-              double scale) const {
-    return BnFold{ptr_or_null(bias),
-                  ptr_or_null(gamma),
-                  ptr_or_null(beta),
-                  mean.data_ptr<float>(),
-                  var_or_invstd.data_ptr<float>(),
+// The fold's parameters, with the float32 copies that some of them need
+// (param_of) held until the op has issued its launches.
+struct FoldInputs {
+  at::Tensor copies[6];
+  ParamPtr bias, gamma, beta, scale_tensor;
+  FoldInputs(const std::optional<at::Tensor>& conv_bias, const std::optional<at::Tensor>& bn_weight,
+             const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& scale)
+      : bias(param_of(conv_bias, copies[0])),
+        gamma(param_of(bn_weight, copies[1])),
+        beta(param_of(bn_bias, copies[2])),
+        scale_tensor(param_of(scale, copies[3])) {}
+  BnFold fold(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var_or_invstd,
+              bool is_invstd, double eps, double scale) {
+    return BnFold{bias,
+                  gamma,
+                  beta,
+                  param_of(mean, copies[4]),
+                  param_of(var_or_invstd, copies[5]),
                   is_invstd,
                   static_cast<float>(eps),
-                  ptr_or_null(scale_tensor),
+                  scale_tensor,
                   static_cast<float>(scale)};
   }
 };
-
-FoldInputs fold_inputs(const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& bn_weight,
-                       const std::optional<at::Tensor>& bn_bias,
-                       const std::optional<at::Tensor>& scale_tensor) {
-  return {float_or_empty(bias), float_or_empty(bn_weight), float_or_empty(bn_bias),
-          float_or_empty(scale_tensor)};
-}
 
 at::Tensor empty_output(const at::Tensor& input, const ConvShape& s) {
   return at::empty({s.n, s.c_out, s.h_out, s.w_out},
@@ -86,8 +94,18 @@ at::Tensor empty_output(const at::Tensor& input, const ConvShape& s) {
                                                                  : at::MemoryFormat::Contiguous));
 }
 
+// The weight as the kernels for x take it: the 16-bit row kernel reads any
+// strides (a channels_last module's weight: no copy per call), the others read
+// it contiguous.
+at::Tensor weight_for(const ConvShape& s, const at::Tensor& x, const at::Tensor& weight,
+                      int device) {
+  return conv_rows16_supports(s, x, device) ? strided_weight(weight) : weight.contiguous();
+}
+
 // out = a[c]*conv(x) + d[c] (eval, and the training forward's normalise pass):
-// on a row kernel where one covers the shape, else on the tile kernel.
+// on a row kernel where one covers the shape, else on the tile kernel. w as
+// weight_for() gives it (.contiguous() below is a no-op but where
+// FUSED_CONV_FORWARD_KERNEL=rows-stats moves a 16-bit apply to the tile kernel).
 void apply_fold(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const BnFold& fold,
                 at::Tensor& out, int device) {
   if (conv_rows_apply_supports(s, x.scalar_type(), device)) {
@@ -95,7 +113,7 @@ void apply_fold(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, co
   } else if (conv_rows16_apply_supports(s, x, device)) {
     conv_rows16_apply(s, x, w, fold, out);
   } else {
-    run_tile_kernel<TileMode::kApply>(s, x, w, fold, GradTerms{}, out, nullptr);
+    run_tile_kernel<TileMode::kApply>(s, x, w.contiguous(), fold, GradTerms{}, out, nullptr);
   }
 }
 
@@ -133,12 +151,11 @@ at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(shape.has_value(), "fused_conv: configuration outside the tile kernel's reach");
   const ConvShape& s = *shape;
   const at::Tensor x = input.contiguous(format_of(s));
-  const at::Tensor w = weight.contiguous();
-  const FoldInputs params = fold_inputs(bias, bn_weight, bn_bias, scale_tensor);
-  const at::Tensor mean = running_mean.to(at::kFloat).contiguous();
-  const at::Tensor var = running_var.to(at::kFloat).contiguous();
+  const at::Tensor w = weight_for(s, x, weight, input.get_device());
+  FoldInputs params(bias, bn_weight, bn_bias, scale_tensor);
   at::Tensor out = empty_output(input, s);
-  apply_fold(s, x, w, params.fold(mean, var, false, eps, scale), out, input.get_device());
+  apply_fold(s, x, w, params.fold(running_mean, running_var, false, eps, scale), out,
+             input.get_device());
   return out;
 }
 
@@ -152,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
   TORCH_CHECK(shape.has_value(), "fused_conv: configuration outside the tile kernel's reach");
   const ConvShape& s = *shape;
   const at::Tensor x = input.contiguous(format_of(s));
-  const at::Tensor w = weight.contiguous();
-  const FoldInputs params = fold_inputs(bias, bn_weight, bn_bias, scale_tensor);
+  const at::Tensor w = weight_for(s, x, weight, input.get_device());
+  FoldInputs params(bias, bn_weight, bn_bias, scale_tensor);
   const auto stats_options = input.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({s.c_out}, stats_options);
   at::Tensor invstd = at::empty({s.c_out}, stats_options);
@@ -178,9 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
 
   // Pass 2: merge the per-block summaries into mean / invstd.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  finalize_stats_kernel<<<static_cast<unsigned>(s.c_out), 32, 0, stream>>>(
-      partials.const_data_ptr<float>(), grid_x, bn, s.c_out, ptr_or_null(params.bias),
-      static_cast<float>(eps), mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>());
+  finalize_stats_kernel<<<static_cast<unsigned>(s.c_out), kFinalizeThreads, 0, stream>>>(
+      partials.const_data_ptr<float>(), grid_x, bn, s.c_out, params.bias, static_cast<float>(eps),
+      mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Pass 3: normalise with the batch statistics.

@@ -97,12 +97,14 @@ enum class Rows16Mode : int {
 constexpr int kMaxWChunks = 9;  // 3x3 x 8 input channels
 
 struct Rows16Shape : RowStrips {
-  int planes;      // C_in / 8: 16-byte channel chunks per pixel
-  int chunks;      // kh*kw*planes
-  int k_steps;     // ceil(chunks / 2)
-  int items;       // 16-byte pieces of a strip: planes*staged_rows*staged_w
-  int slot_bytes;  // items*16
-  int w_bytes;     // k_steps*2*64*16
+  int planes;        // C_in / 8: 16-byte channel chunks per pixel
+  int chunks;        // kh*kw*planes
+  int k_steps;       // ceil(chunks / 2)
+  int items;         // 16-byte pieces of a strip: planes*staged_rows*staged_w
+  int slot_bytes;    // items*16
+  int w_bytes;       // k_steps*2*64*16
+  WeightStrides ws;  // of the weight as given (run_rows16 sets them and w_chunked)
+  bool w_chunked;    // each 8-channel chunk of a tap is 16 aligned contiguous bytes
 };
 
 // The input ring's slots and the [pixel][channel] stages per mode. The forward
@@ -145,6 +147,37 @@ Rows16Shape make_rows16_shape(const ConvShape& s, int rows) {
 }
 
 #if FUSED_CONV_WGMMA
+// The block's weights into shared memory: 16-byte chunk j = u * kCo + co holds
+// input channels 8p..8p+7 of chunk u = 2ks + kc = (p, tap) (k-step ks, k-half
+// kc) for channel c_base + co; zeros past the chunks and C_out. `chunked`
+// (a channels_last weight: each chunk 16 aligned contiguous bytes): one
+// cp.async per chunk, left to the caller's next commit group; otherwise
+// element by element by the strides, the 8 loads of a chunk independent.
+// (Every block stages at its start, so this is on each launch's critical
+// path: element by element it is 36 two-byte loads per thread for the
+// reference problem.) Not inlined: inside the kernel, this code alone changed
+// the register allocation of the weight-gradient pass enough for ptxas to
+// serialise its MMAs (C7511).
+template <typename T>
+__device__ __noinline__ void stage_weights16(const T* __restrict__ w, WeightStrides ws, int chunks,
+                                             int k_steps, int taps, int kw, int c_out, int c_base,
+                                             unsigned char* w_s, bool chunked) {
+  const uint32_t w_addr = static_cast<uint32_t>(__cvta_generic_to_shared(w_s));
+  T* w_t = reinterpret_cast<T*>(w_s);
+  for (int j = threadIdx.x; j < k_steps * 2 * kCo; j += kThreads) {
+    const int u = j / kCo, co = j % kCo, c = c_base + co;
+    const int p = u / taps, tap = u - p * taps, tr = tap / kw, tq = tap - tr * kw;
+    const bool live = u < chunks && c < c_out;
+    const T* src = w + (live ? c * ws.co + (8 * p * ws.ci + tr * ws.r + tq * ws.q) : 0);
+    if (chunked) {
+      cp_async_16(w_addr + j * kChunkBytes, src, live);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) w_t[8 * j + e] = live ? src[e * ws.ci] : from_float<T>(0.f);
+    }
+  }
+}
+
 // Two values of a pixel pair, each rounded to T without bias (round_with_bits:
 // conv_tile_kernel.cuh), packed low = first. One hash per pair: its low half
 // rounds the first value, its high half the second. `key` names the pair (the
@@ -293,6 +326,10 @@ __global__ void __launch_bounds__(kThreads, is_forward(kMode) ? 1 : kGradMinBloc
     pix = (n * s.h_out + oh0) * s.w_out + ow0;
     pixels = min(s.w_out - ow0, kPix);
   };
+  // A channels_last weight: its chunks by cp.async, in the first commit group
+  // (which every block waits for before its first MMA); stage_weights16.
+  if (s.w_chunked)
+    stage_weights16<T>(w, s.ws, s.chunks, s.k_steps, taps, s.kw, s.c_out, c_base, w_s, true);
   // The first copies fly while the weights are staged: forward, the first
   // kSlots - 1 strips (one commit per strip); kGrad, the first strip and its
   // first row's g (then one commit per row).
@@ -313,16 +350,8 @@ __global__ void __launch_bounds__(kThreads, is_forward(kMode) ? 1 : kGradMinBloc
     }
   }
 
-  // Weights, element (k-step ks, k-half kc, channel co, e) = chunk u = 2ks + kc
-  // = (p, tap), input channel 8p + e; zeros past the chunks and C_out.
-  T* w_t = reinterpret_cast<T*>(w_s);
-  for (int i = threadIdx.x; i < s.k_steps * 2 * kCo * 8; i += kThreads) {
-    const int u = i / (kCo * 8), co = (i >> 3) & (kCo - 1), e = i & 7;
-    const int p = u / taps, tap = u - p * taps, c = c_base + co;
-    w_t[i] = u < s.chunks && c < s.c_out
-                 ? w[(static_cast<int64_t>(c) * s.c_in + 8 * p + e) * taps + tap]
-                 : from_float<T>(0.f);
-  }
+  if (!s.w_chunked)
+    stage_weights16<T>(w, s.ws, s.chunks, s.k_steps, taps, s.kw, s.c_out, c_base, w_s, false);
   for (int i = threadIdx.x; i < kZeroBytes / 16; i += kThreads) {
     reinterpret_cast<uint4*>(zero)[i] = make_uint4(0, 0, 0, 0);
   }
@@ -648,8 +677,12 @@ int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f,
 }
 
 template <Rows16Mode kMode>
-int run_rows16(const Rows16Shape& r, const at::Tensor& x, const at::Tensor& w, const BnFold& f,
+int run_rows16(const Rows16Shape& shape, const at::Tensor& x, const at::Tensor& w, const BnFold& f,
                const GradTerms& gt, float* partials, at::Tensor* out, bool dry_run) {
+  Rows16Shape r = shape;
+  r.ws = weight_strides(w);
+  r.w_chunked = r.ws.ci == 1 && r.ws.co % 8 == 0 && r.ws.r % 8 == 0 && r.ws.q % 8 == 0 &&
+                reinterpret_cast<uintptr_t>(w.const_data_ptr()) % 16 == 0;
   const auto launch = [&](auto tag) {
     using T = decltype(tag);
     return launch_rows16<T, kMode>(
@@ -694,6 +727,8 @@ bool conv_rows16_supports(const ConvShape& s, const at::Tensor& x, int device) {
       reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 != 0) {
     return false;
   }
+  // 32-bit weight offsets (WeightStrides).
+  if (static_cast<int64_t>(s.c_out) * s.c_in * s.kh * s.kw >= (int64_t{1} << 31)) return false;
   if (compute_capability_major(device) != 9) return false;
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
   const size_t bytes =

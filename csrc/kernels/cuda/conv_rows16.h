@@ -25,6 +25,9 @@ bool conv_rows16_supports(const ConvShape& s, const at::Tensor& x, int device);
 // FUSED_CONV_FORWARD_KERNEL=rows-stats also leaves on the tile kernel.
 bool conv_rows16_apply_supports(const ConvShape& s, const at::Tensor& x, int device);
 
+// Every pass below takes the weight w with any strides (it is staged once per
+// block by them: a channels_last module's weight needs no contiguous copy).
+
 // Per-block (count, mean, M2) of conv(x) (no bias) per channel: the partials
 // tensor [ceil(C_out / 64)][grid][64][3] and the grid width, as
 // finalize_stats_kernel reads them.

@@ -52,15 +52,32 @@ struct ConvShape {
 
 // Per-channel epilogue out = a[c]*conv(x)[c] + d[c] with
 //   a = s*gamma*invstd,  d = s*beta + a*(bias - mean).
+// A per-channel parameter or statistic as the module holds it: float32,
+// float16 or bfloat16, contiguous (the host makes a float32 copy of anything
+// else). Read in its own dtype, so a 16-bit conv bias or BatchNorm needs no
+// cast launch per call; the conversion to float is exact.
+enum class ParamType : int { kFloat32, kFloat16, kBFloat16 };
+struct ParamPtr {
+  const void* data = nullptr;  // null: absent
+  ParamType type = ParamType::kFloat32;
+};
+__device__ __forceinline__ float load_param(const ParamPtr& p, int64_t i) {
+  if (p.type == ParamType::kFloat32) return static_cast<const float*>(p.data)[i];
+  // 16-bit: a bfloat16 is the top half of its float; a float16 converts.
+  const uint16_t bits = static_cast<const uint16_t*>(p.data)[i];
+  return p.type == ParamType::kBFloat16 ? __uint_as_float(static_cast<uint32_t>(bits) << 16)
+                                        : __half2float(__ushort_as_half(bits));
+}
+
 struct BnFold {
-  const float* bias;           // conv bias, or null
-  const float* gamma;          // null for affine=False
-  const float* beta;           // null for affine=False
-  const float* mean;           // running mean (eval) or batch mean of conv+bias (train)
-  const float* var_or_invstd;  // running var (eval) or batch invstd (train)
+  ParamPtr bias;           // conv bias, or absent
+  ParamPtr gamma;          // absent for affine=False
+  ParamPtr beta;           // absent for affine=False
+  ParamPtr mean;           // running mean (eval) or batch mean of conv+bias (train)
+  ParamPtr var_or_invstd;  // running var (eval) or batch invstd (train)
   bool is_invstd;
   float eps;
-  const float* scale_tensor;  // one element, or null
+  ParamPtr scale_tensor;  // one element, or absent
   float scale;
 };
 
@@ -68,13 +85,14 @@ struct BnFold {
 // host sync: every launch recomputes them from device memory).
 __device__ __forceinline__ void bn_fold_coefficients(const BnFold& f, int64_t c, float& a,
                                                      float& d) {
-  const float sc = f.scale * (f.scale_tensor ? *f.scale_tensor : 1.f);
-  const float invstd = f.is_invstd ? f.var_or_invstd[c] : 1.f / sqrtf(f.var_or_invstd[c] + f.eps);
-  const float gamma = f.gamma ? f.gamma[c] : 1.f;
-  const float beta = f.beta ? f.beta[c] : 0.f;
-  const float bias = f.bias ? f.bias[c] : 0.f;
+  const float sc = f.scale * (f.scale_tensor.data ? load_param(f.scale_tensor, 0) : 1.f);
+  const float v = load_param(f.var_or_invstd, c);
+  const float invstd = f.is_invstd ? v : 1.f / sqrtf(v + f.eps);
+  const float gamma = f.gamma.data ? load_param(f.gamma, c) : 1.f;
+  const float beta = f.beta.data ? load_param(f.beta, c) : 0.f;
+  const float bias = f.bias.data ? load_param(f.bias, c) : 0.f;
   a = sc * gamma * invstd;
-  d = sc * beta + a * (bias - f.mean[c]);
+  d = sc * beta + a * (bias - load_param(f.mean, c));
 }
 
 // What one launch computes from y = conv(x) (without the conv bias).

@@ -76,6 +76,7 @@ struct Dgrad16Shape {
   int segments, tiles_w, c_blocks;
   int staged_w;  // 64 + kw - 1 columns per ring row
   int plane_bytes, row_bytes, ring_rows;
+  WeightStrides ws;  // of the weight as given
 };
 
 size_t smem_bytes(const Dgrad16Shape& s) {
@@ -108,6 +109,7 @@ Dgrad16Shape make_dgrad16_shape(const at::Tensor& g, const at::Tensor& input,
   s.plane_bytes = s.staged_w * kChunkBytes;
   s.row_bytes = s.planes * s.plane_bytes;
   s.ring_rows = 2 * kGroupRows + s.kh - 1;
+  s.ws = weight_strides(weight);
   return s;
 }
 
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(128) unsigned char smem[];
   const int kh = KH > 0 ? KH : s.kh, kw = KW > 0 ? KW : s.kw;
   const int pairs = PAIRS > 0 ? PAIRS : s.planes / 2, planes = 2 * pairs;
-  const int taps = kh * kw, window = R + kh - 1, ring_rows = 2 * R + kh - 1;
+  const int window = R + kh - 1, ring_rows = 2 * R + kh - 1;
   const int blocks = 2 * R + kh - 2, k_steps = kw * pairs;
   const int staged_w = KW > 0 ? kPix + KW - 1 : s.staged_w;
   const int plane_bytes = staged_w * kChunkBytes, row_bytes = planes * plane_bytes;
@@ -219,8 +221,8 @@ __global__ void __launch_bounds__(kThreads)
         const int ks = blk / blocks, m = blk - ks * blocks;
         const int q = ks / pairs, p = 2 * (ks - q * pairs) + kc, r = R + kh - 2 - m;
         const bool live = ci < s.c_in && r >= 0 && r < kh;
-        w_t[i] = live ? w[(static_cast<int64_t>(8 * p + e) * s.c_in + ci) * taps +
-                          (taps - 1 - (r * kw + q))]
+        w_t[i] = live ? w[(8 * p + e) * s.ws.co +
+                          (ci * s.ws.ci + (kh - 1 - r) * s.ws.r + (kw - 1 - q) * s.ws.q)]
                       : from_float<T>(0.f);
       }
       staged_cb = cb;  // made visible to wgmma by the first group's fence and barrier
@@ -351,6 +353,7 @@ bool grad_input_rows16_supports(const at::Tensor& grad_conv_out, const at::Tenso
   if (padding[0] < 0 || padding[1] < 0 || padding[0] > kh - 1 || padding[1] > kw - 1 ||
       input.size(1) % 8 != 0 || weight.size(1) != input.size(1) || weight.size(0) % 16 != 0 ||
       input.size(3) < kMinWidth || input.numel() == 0 ||
+      weight.numel() >= (int64_t{1} << 31) ||  // 32-bit weight offsets (WeightStrides)
       grad_conv_out.sizes() != at::IntArrayRef{input.size(0), weight.size(0), g_h, g_w} ||
       !input.is_contiguous(at::MemoryFormat::ChannelsLast) ||
       !grad_conv_out.is_contiguous(at::MemoryFormat::ChannelsLast) ||
@@ -370,8 +373,8 @@ at::Tensor grad_input_rows16(const at::Tensor& grad_conv_out, const at::Tensor& 
   const int64_t unit[2] = {1, 1};
   TORCH_CHECK(grad_input_rows16_supports(grad_conv_out, input, weight, unit, padding, unit, 1),
               "fused_conv: grad_input outside the 16-bit row kernel's reach");
-  const Dgrad16Shape s = make_dgrad16_shape(grad_conv_out, input, weight, padding);
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor w = strided_weight(weight);
+  const Dgrad16Shape s = make_dgrad16_shape(grad_conv_out, input, w, padding);
   at::Tensor dx =
       at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (input.scalar_type() == at::kBFloat16) {

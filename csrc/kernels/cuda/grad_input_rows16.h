@@ -19,8 +19,8 @@ bool grad_input_rows16_supports(const at::Tensor& grad_conv_out, const at::Tenso
 
 // The gradient of conv(input; weight) with respect to its input, given
 // grad_conv_out (channels_last, the input's dtype), on the current stream: a
-// new channels_last tensor of the input's shape and dtype. Requires
-// grad_input_rows16_supports.
+// new channels_last tensor of the input's shape and dtype. The weight may have
+// any strides (staged by them). Requires grad_input_rows16_supports.
 at::Tensor grad_input_rows16(const at::Tensor& grad_conv_out, const at::Tensor& input,
                              const at::Tensor& weight, at::IntArrayRef padding);
 

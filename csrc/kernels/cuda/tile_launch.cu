@@ -65,6 +65,20 @@ int max_shared_memory_per_block(int device) {
   return cached_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device, cache);
 }
 
+at::Tensor strided_weight(const at::Tensor& w) {
+  int64_t span = 0;
+  for (int d = 0; d < w.dim(); ++d) span += (w.size(d) - 1) * w.stride(d);
+  return span < (int64_t{1} << 31) ? w : w.contiguous();
+}
+
+WeightStrides weight_strides(const at::Tensor& w) {
+  TORCH_INTERNAL_ASSERT(
+      w.dim() == 4 && w.numel() < (int64_t{1} << 31) && strided_weight(w).is_same(w),
+      "fused_conv: a weight outside 32-bit offsets reached a 16-bit row kernel");
+  return {static_cast<int>(w.stride(0)), static_cast<int>(w.stride(1)),
+          static_cast<int>(w.stride(2)), static_cast<int>(w.stride(3))};
+}
+
 void allow_dynamic_smem(const void* kernel, size_t bytes) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));

@@ -25,6 +25,20 @@ constexpr int kMaxK = 160;
 constexpr int kMaxCin = 32;
 constexpr int kMaxSmemBytes = 160 * 1024;
 
+// A 4-D weight's element strides (C_out, C_in, tap row, tap column). The 16-bit
+// row kernels stage their weights once per block and read them by these, so a
+// channels_last module's weight (nn.Module.to(memory_format=...) converts it
+// too) needs no contiguous copy per call. The offsets are 32-bit (64-bit
+// arithmetic cost the weight-gradient pass registers enough for ptxas to
+// serialise its MMAs): the kernels' *_supports() take weights of fewer than
+// 2^31 elements, and strided_weight() gives one whose offsets fit.
+struct WeightStrides {
+  int co, ci, r, q;
+};
+WeightStrides weight_strides(const at::Tensor& w);
+// w itself where its largest offset fits 32 bits, else a contiguous copy.
+at::Tensor strided_weight(const at::Tensor& w);
+
 int multiprocessors(int device);
 // The device's compute capability, major part (9 on Hopper).
 int compute_capability_major(int device);
