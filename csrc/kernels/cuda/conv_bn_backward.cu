@@ -47,6 +47,7 @@
 #include "kernels/cuda/bn_param_grads.h"
 #include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/conv_rows16.h"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/finalize_reduce.cuh"
 #include "kernels/cuda/grad_coefficients.cuh"
 #include "kernels/cuda/grad_input_correction.h"
@@ -65,6 +66,9 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_grad_kernel(const float* __restrict__ partials, int grid_x, int bn, int64_t c_out,
                          const float* __restrict__ invstd, const float* __restrict__ k,
                          double count, bool training, float* __restrict__ rows) {
+  // Launched as a dependent of pass 1 (dependent_launch.cuh).
+  wait_for_previous_kernel();
+  let_next_kernel_start();
   const int64_t c = blockIdx.x;
   const int64_t cb = c / bn, cl = c % bn;
   const auto add = [](double (&v)[3], const double (&o)[3]) {
@@ -94,6 +98,9 @@ template <typename T>
 __global__ void __launch_bounds__(32 * kReduceSlices)
     reduce_weight_grad_kernel(const float* __restrict__ partials, int grid_x, int bn, int k8,
                               int c_out, int c_in, int taps, T* __restrict__ grad_weight) {
+  // Launched as a dependent of the pass that wrote the partials.
+  wait_for_previous_kernel();
+  let_next_kernel_start();
   __shared__ double slice_sums[kReduceSlices][32];
   const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
   const int64_t k_total = static_cast<int64_t>(c_in) * taps;
@@ -133,10 +140,9 @@ at::Tensor reduce_weight_grad(const at::Tensor& partials, int grid_x, int bn, in
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "reduce_weight_grad", [&] {
-        reduce_weight_grad_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
-            partials.const_data_ptr<float>(), grid_x, bn, k8, s.c_out, s.c_in, s.kh * s.kw,
-            grad_weight.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(/*dependent=*/true, reduce_weight_grad_kernel<scalar_t>, blocks, kBlock, 0,
+                      stream, partials.const_data_ptr<float>(), grid_x, bn, k8, s.c_out, s.c_in,
+                      s.kh * s.kw, grad_weight.mutable_data_ptr<scalar_t>());
       });
   return grad_weight;
 }
@@ -198,20 +204,21 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
       bn = 8 * n_tiles_for(s.c_out);
     }
     rows = at::empty({kGradRows, s.c_out}, input.options().dtype(at::kFloat));
-    finalize_grad_kernel<<<static_cast<unsigned>(s.c_out), kFinalizeThreads, 0,
-                           c10::cuda::getCurrentCUDAStream()>>>(
-        partials.const_data_ptr<float>(), grid_x, bn, s.c_out, invstd_f.const_data_ptr<float>(),
-        k.const_data_ptr<float>(), static_cast<double>(count), training,
-        rows.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(/*dependent=*/true, finalize_grad_kernel, static_cast<unsigned>(s.c_out),
+                  kFinalizeThreads, 0, c10::cuda::getCurrentCUDAStream(),
+                  partials.const_data_ptr<float>(), grid_x, bn, s.c_out,
+                  invstd_f.const_data_ptr<float>(), k.const_data_ptr<float>(),
+                  static_cast<double>(count), training, rows.mutable_data_ptr<float>());
   }
 
   // grad_input / grad_weight. conv_grads: the gradients of the convolution given
-  // the gradient g at its output (with the weight w_eff) for the mask's entries.
+  // the gradient g at its output (with the weight w_eff) for the mask's entries;
+  // after_ours: the previous kernel on the stream is this op's own, launched
+  // when w_eff was complete (the 16-bit data gradient then overlaps it).
   const bool tile_dgrad =
       input_weight_mask[0] && grad_input_tile_supports(input, weight, stride, padding, dilation, 1);
-  auto conv_grads = [&](const at::Tensor& g, const at::Tensor& w_eff,
-                        std::array<bool, 2> mask) -> std::pair<at::Tensor, at::Tensor> {
+  auto conv_grads = [&](const at::Tensor& g, const at::Tensor& w_eff, std::array<bool, 2> mask,
+                        bool after_ours = false) -> std::pair<at::Tensor, at::Tensor> {
     std::pair<at::Tensor, at::Tensor> grads{at::empty({0}, input.options()),
                                             at::empty({0}, weight.options())};
     // float16 / bfloat16 channels_last on Hopper: grad_input on the 16-bit
@@ -224,7 +231,7 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
       grads = conv_backward(g, input, w_eff, conv, format, cudnn_mask);
     }
     if (mask[0] && tile_dgrad) grads.first = tile_grad_input(g, input, w_eff, padding, dilation);
-    if (rows16_dgrad) grads.first = grad_input_rows16(g, input, w_eff, padding);
+    if (rows16_dgrad) grads.first = grad_input_rows16(g, input, w_eff, padding, after_ours);
     return grads;
   };
   at::Tensor grad_input = at::empty({0}, input.options());
@@ -269,13 +276,18 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
         if (input_weight_mask[0]) grad_input = conv_grads(g_hat, weight, {true, false}).first;
       } else if (rows16 && input_weight_mask[1] && conv_rows16_weight_grad_fusable(s)) {
         // g_hat and, from it in registers, the weight gradient's partials.
-        const auto [w_partials, grid_x] = conv_rows16_grad_out_w(s, x, w, terms, g_hat);
+        // Both passes follow finalize_grad_kernel directly, x, w and grad being
+        // complete before pass 1: launched as its dependents.
+        const auto [w_partials, grid_x] =
+            conv_rows16_grad_out_w(s, x, w, terms, g_hat, /*dependent=*/true);
         grad_weight =
             reduce_weight_grad(w_partials, grid_x, kRowsChannels, s.kh * s.kw * s.c_in, s, weight);
-        if (input_weight_mask[0]) grad_input = conv_grads(g_hat, w, {true, false}).first;
+        if (input_weight_mask[0]) {
+          grad_input = conv_grads(g_hat, w, {true, false}, /*after_ours=*/true).first;
+        }
       } else {
         if (rows16) {
-          conv_rows16_grad_out(s, x, w, terms, g_hat);
+          conv_rows16_grad_out(s, x, w, terms, g_hat, /*dependent=*/true);
         } else {
           run_tile_kernel<TileMode::kGradOut>(s, x, w, BnFold{}, terms, g_hat, nullptr);
         }

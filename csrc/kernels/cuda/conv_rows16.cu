@@ -58,6 +58,7 @@
 #include <cstring>
 
 #include "kernels/cuda/conv_rows.h"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/rows_statistics.cuh"
 #include "kernels/cuda/tf32_mma.cuh"
 #include "kernels/cuda/tile_launch.cuh"
@@ -282,6 +283,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks(kMode))
   const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   const uint32_t zero_addr = static_cast<uint32_t>(__cvta_generic_to_shared(zero));
   const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
+  // Every block of this persistent grid is resident from the start, so the
+  // next kernel may be scheduled into the places our blocks leave
+  // (dependent_launch.cuh).
+  let_next_kernel_start();
 
   // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
   // branch near the wgmmas looks divergent (ptxas would serialize them).
@@ -399,6 +404,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks(kMode))
   // values are never stored): kApply the fold (fa, fd); kGrad the centre ctr
   // and kGradOut g_hat's coefficients (fa = A, fc = C, fd = D).
   const int c_mine = c_base + 16 * warp + g;
+  // Launched as a dependent (the apply after finalize_stats, g_hat's pass after
+  // finalize_grad), everything above read only the op's inputs: x, w, g. The
+  // per-channel terms below come from the previous kernel.
+  wait_for_previous_kernel();
   float fa[2] = {0.f, 0.f}, fd[2] = {0.f, 0.f}, fc[2] = {0.f, 0.f}, ctr[2] = {0.f, 0.f};
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
@@ -666,25 +675,28 @@ __global__ void __launch_bounds__(kThreads, min_blocks(kMode))
 #endif
 }
 
+// dependent: launched as a programmatic dependent of the stream's previous
+// kernel (dependent_launch.cuh), which the caller knows to be its op's own,
+// launched after x, w and g were complete.
 template <typename T, Rows16Mode kMode>
 int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f,
-                  const GradTerms& gt, float* partials, T* out, bool dry_run) {
+                  const GradTerms& gt, float* partials, T* out, bool dry_run, bool dependent) {
   auto kernel = conv_rows16_kernel<T, kMode>;
   const size_t smem = smem_bytes(r, kMode);
   const int grid_x =
       row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads, smem, r.c_out, r.strips);
   if (!dry_run) {
     const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
-    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, gt, partials,
-                                                                        out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(dependent, kernel, grid, kThreads, smem, c10::cuda::getCurrentCUDAStream(), x, w,
+                  r, f, gt, partials, out);
   }
   return grid_x;
 }
 
 template <Rows16Mode kMode>
 int run_rows16(const Rows16Shape& shape, const at::Tensor& x, const at::Tensor& w, const BnFold& f,
-               const GradTerms& gt, float* partials, at::Tensor* out, bool dry_run) {
+               const GradTerms& gt, float* partials, at::Tensor* out, bool dry_run,
+               bool dependent = false) {
   Rows16Shape r = shape;
   r.ws = weight_strides(w);
   r.w_chunked = r.ws.ci == 1 && r.ws.co % 8 == 0 && r.ws.r % 8 == 0 && r.ws.q % 8 == 0 &&
@@ -694,7 +706,8 @@ int run_rows16(const Rows16Shape& shape, const at::Tensor& x, const at::Tensor& 
     return launch_rows16<T, kMode>(
         r, reinterpret_cast<const T*>(x.const_data_ptr()),
         reinterpret_cast<const T*>(w.const_data_ptr()), f, gt, partials,
-        out != nullptr ? reinterpret_cast<T*>(out->mutable_data_ptr()) : nullptr, dry_run);
+        out != nullptr ? reinterpret_cast<T*>(out->mutable_data_ptr()) : nullptr, dry_run,
+        dependent);
   };
   return x.scalar_type() == at::kBFloat16 ? launch(__nv_bfloat16{}) : launch(__half{});
 }
@@ -755,10 +768,10 @@ std::pair<at::Tensor, int> conv_rows16_stats(const ConvShape& s, const at::Tenso
 }
 
 void conv_rows16_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
-                       const BnFold& f, at::Tensor& out) {
+                       const BnFold& f, at::Tensor& out, bool dependent) {
   check_rows16_output(s, x, out);
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
-  run_rows16<Rows16Mode::kApply>(r, x, w, f, GradTerms{}, nullptr, &out, false);
+  run_rows16<Rows16Mode::kApply>(r, x, w, f, GradTerms{}, nullptr, &out, false, dependent);
 }
 
 bool conv_rows16_grad_supports(const ConvShape& s, const at::Tensor& x, const at::Tensor& grad,
@@ -774,10 +787,10 @@ std::pair<at::Tensor, int> conv_rows16_grad_stats(const ConvShape& s, const at::
 }
 
 void conv_rows16_grad_out(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
-                          const GradTerms& gt, at::Tensor& g_hat) {
+                          const GradTerms& gt, at::Tensor& g_hat, bool dependent) {
   check_rows16_output(s, x, g_hat);
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
-  run_rows16<Rows16Mode::kGradOut>(r, x, w, BnFold{}, gt, nullptr, &g_hat, false);
+  run_rows16<Rows16Mode::kGradOut>(r, x, w, BnFold{}, gt, nullptr, &g_hat, false, dependent);
 }
 
 bool conv_rows16_weight_grad_fusable(const ConvShape& s) {
@@ -786,7 +799,7 @@ bool conv_rows16_weight_grad_fusable(const ConvShape& s) {
 
 std::pair<at::Tensor, int> conv_rows16_grad_out_w(const ConvShape& s, const at::Tensor& x,
                                                   const at::Tensor& w, const GradTerms& gt,
-                                                  at::Tensor& g_hat) {
+                                                  at::Tensor& g_hat, bool dependent) {
   check_rows16_output(s, x, g_hat);
   TORCH_CHECK(conv_rows16_weight_grad_fusable(s),
               "fused_conv: the 16-bit row kernel's weight gradient takes at most ", kMaxWChunks,
@@ -798,7 +811,7 @@ std::pair<at::Tensor, int> conv_rows16_grad_out_w(const ConvShape& s, const at::
   const int64_t k_total = static_cast<int64_t>(s.kh) * s.kw * s.c_in;
   at::Tensor partials = at::empty({c_blocks, grid_x, kCo, k_total}, x.options().dtype(at::kFloat));
   run_rows16<Rows16Mode::kGradOutW>(r, x, w, BnFold{}, gt, partials.mutable_data_ptr<float>(),
-                                    &g_hat, false);
+                                    &g_hat, false, dependent);
   return {partials, grid_x};
 }
 
