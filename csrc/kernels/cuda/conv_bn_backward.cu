@@ -276,10 +276,7 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
         if (input_weight_mask[0]) grad_input = conv_grads(g_hat, weight, {true, false}).first;
       } else if (rows16 && input_weight_mask[1] && conv_rows16_weight_grad_fusable(s)) {
         // g_hat and, from it in registers, the weight gradient's partials.
-        // Both passes follow finalize_grad_kernel directly, x, w and grad being
-        // complete before pass 1: launched as its dependents.
-        const auto [w_partials, grid_x] =
-            conv_rows16_grad_out_w(s, x, w, terms, g_hat, /*dependent=*/true);
+        const auto [w_partials, grid_x] = conv_rows16_grad_out_w(s, x, w, terms, g_hat);
         grad_weight =
             reduce_weight_grad(w_partials, grid_x, kRowsChannels, s.kh * s.kw * s.c_in, s, weight);
         if (input_weight_mask[0]) {
@@ -287,6 +284,7 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
         }
       } else {
         if (rows16) {
+          // After finalize_grad_kernel, x, w and grad complete before pass 1.
           conv_rows16_grad_out(s, x, w, terms, g_hat, /*dependent=*/true);
         } else {
           run_tile_kernel<TileMode::kGradOut>(s, x, w, BnFold{}, terms, g_hat, nullptr);

@@ -129,6 +129,10 @@ constexpr bool is_forward(Rows16Mode m) {
 constexpr int min_blocks(Rows16Mode m) {
   return m == Rows16Mode::kStats ? 4 : is_forward(m) ? 1 : kGradMinBlocks;
 }
+// Whether a mode takes part in programmatic dependent launch (its trigger and
+// wait, dependent_launch.cuh). Not kGradOutW: at 168 registers, either one
+// alone made ptxas serialise its MMAs (C7511; one dtype or the other).
+constexpr bool dependent_capable(Rows16Mode m) { return m != Rows16Mode::kGradOutW; }
 constexpr int ring_slots(Rows16Mode m) { return is_forward(m) ? 3 : kGradStages; }
 constexpr int stage_count(Rows16Mode m) {
   return m == Rows16Mode::kStats ? 0 : m == Rows16Mode::kApply ? 1 : kGradStages;
@@ -286,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(kMode))
   // Every block of this persistent grid is resident from the start, so the
   // next kernel may be scheduled into the places our blocks leave
   // (dependent_launch.cuh).
-  let_next_kernel_start();
+  if constexpr (dependent_capable(kMode)) let_next_kernel_start();
 
   // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
   // branch near the wgmmas looks divergent (ptxas would serialize them).
@@ -407,7 +411,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(kMode))
   // Launched as a dependent (the apply after finalize_stats, g_hat's pass after
   // finalize_grad), everything above read only the op's inputs: x, w, g. The
   // per-channel terms below come from the previous kernel.
-  wait_for_previous_kernel();
+  if constexpr (dependent_capable(kMode)) wait_for_previous_kernel();
   float fa[2] = {0.f, 0.f}, fd[2] = {0.f, 0.f}, fc[2] = {0.f, 0.f}, ctr[2] = {0.f, 0.f};
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
@@ -687,8 +691,8 @@ int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f,
       row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads, smem, r.c_out, r.strips);
   if (!dry_run) {
     const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
-    launch_kernel(dependent, kernel, grid, kThreads, smem, c10::cuda::getCurrentCUDAStream(), x, w,
-                  r, f, gt, partials, out);
+    launch_kernel(dependent && dependent_capable(kMode), kernel, grid, kThreads, smem,
+                  c10::cuda::getCurrentCUDAStream(), x, w, r, f, gt, partials, out);
   }
   return grid_x;
 }
@@ -799,7 +803,7 @@ bool conv_rows16_weight_grad_fusable(const ConvShape& s) {
 
 std::pair<at::Tensor, int> conv_rows16_grad_out_w(const ConvShape& s, const at::Tensor& x,
                                                   const at::Tensor& w, const GradTerms& gt,
-                                                  at::Tensor& g_hat, bool dependent) {
+                                                  at::Tensor& g_hat) {
   check_rows16_output(s, x, g_hat);
   TORCH_CHECK(conv_rows16_weight_grad_fusable(s),
               "fused_conv: the 16-bit row kernel's weight gradient takes at most ", kMaxWChunks,
@@ -811,7 +815,7 @@ std::pair<at::Tensor, int> conv_rows16_grad_out_w(const ConvShape& s, const at::
   const int64_t k_total = static_cast<int64_t>(s.kh) * s.kw * s.c_in;
   at::Tensor partials = at::empty({c_blocks, grid_x, kCo, k_total}, x.options().dtype(at::kFloat));
   run_rows16<Rows16Mode::kGradOutW>(r, x, w, BnFold{}, gt, partials.mutable_data_ptr<float>(),
-                                    &g_hat, false, dependent);
+                                    &g_hat, false);
   return {partials, grid_x};
 }
 

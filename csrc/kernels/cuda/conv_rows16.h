@@ -27,10 +27,11 @@ bool conv_rows16_apply_supports(const ConvShape& s, const at::Tensor& x, int dev
 
 // Every pass below takes the weight w with any strides (it is staged once per
 // block by them: a channels_last module's weight needs no contiguous copy).
-// `dependent`: launched as a programmatic dependent of the stream's previous
-// kernel, which must be the op's own, launched when x, w and grad were
-// complete (dependent_launch.cuh); the kernel reads its per-channel terms (f,
-// gt's centre and coefficients) only after waiting for that kernel.
+// `dependent` (the apply and pass 2 without the weight gradient): launched as
+// a programmatic dependent of the stream's previous kernel, which must be the
+// op's own, launched when x, w and grad were complete (dependent_launch.cuh);
+// the kernel reads its per-channel terms (f, gt's centre and coefficients)
+// only after waiting for that kernel.
 
 // Per-block (count, mean, M2) of conv(x) (no bias) per channel: the partials
 // tensor [ceil(C_out / 64)][grid][64][3] and the grid width, as
@@ -63,6 +64,6 @@ void conv_rows16_grad_out(const ConvShape& s, const at::Tensor& x, const at::Ten
 bool conv_rows16_weight_grad_fusable(const ConvShape& s);
 std::pair<at::Tensor, int> conv_rows16_grad_out_w(const ConvShape& s, const at::Tensor& x,
                                                   const at::Tensor& w, const GradTerms& gt,
-                                                  at::Tensor& g_hat, bool dependent);
+                                                  at::Tensor& g_hat);
 
 }  // namespace fused_conv::cuda

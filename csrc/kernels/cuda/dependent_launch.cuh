@@ -38,24 +38,6 @@ __device__ __forceinline__ void let_next_kernel_start() {
 #endif
 }
 
-// The wait without wait_for_previous_kernel()'s compiler-wide memory barrier:
-// the pointers pass through it (the compiler sees new values), so loads
-// through them cannot be hoisted above it; other accesses may move. For the
-// row kernels, where a full barrier there changed the register allocation
-// enough for ptxas to serialise the MMAs (C7511). Their global stores come
-// after barriers in their main loops, which keep them after the wait too.
-template <typename T>
-__device__ __forceinline__ void pass_through_wait(T*& p) {
-  asm volatile("" : "+l"(p));
-}
-template <typename... T>
-__device__ __forceinline__ void wait_for_previous_kernel_then_read(T*&... ptrs) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;");
-  (pass_through_wait(ptrs), ...);
-#endif
-}
-
 // Whether launches on `device` use programmatic dependent launch: compute
 // capability 9 or later, unless FUSED_CONV_DEPENDENT_LAUNCH=0 (a switch for
 // timing both ways in one build).
