@@ -212,13 +212,11 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
   }
 
   // grad_input / grad_weight. conv_grads: the gradients of the convolution given
-  // the gradient g at its output (with the weight w_eff) for the mask's entries;
-  // after_ours: the previous kernel on the stream is this op's own, launched
-  // when w_eff was complete (the 16-bit data gradient then overlaps it).
+  // the gradient g at its output (with the weight w_eff) for the mask's entries.
   const bool tile_dgrad =
       input_weight_mask[0] && grad_input_tile_supports(input, weight, stride, padding, dilation, 1);
-  auto conv_grads = [&](const at::Tensor& g, const at::Tensor& w_eff, std::array<bool, 2> mask,
-                        bool after_ours = false) -> std::pair<at::Tensor, at::Tensor> {
+  auto conv_grads = [&](const at::Tensor& g, const at::Tensor& w_eff,
+                        std::array<bool, 2> mask) -> std::pair<at::Tensor, at::Tensor> {
     std::pair<at::Tensor, at::Tensor> grads{at::empty({0}, input.options()),
                                             at::empty({0}, weight.options())};
     // float16 / bfloat16 channels_last on Hopper: grad_input on the 16-bit
@@ -231,7 +229,7 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
       grads = conv_backward(g, input, w_eff, conv, format, cudnn_mask);
     }
     if (mask[0] && tile_dgrad) grads.first = tile_grad_input(g, input, w_eff, padding, dilation);
-    if (rows16_dgrad) grads.first = grad_input_rows16(g, input, w_eff, padding, after_ours);
+    if (rows16_dgrad) grads.first = grad_input_rows16(g, input, w_eff, padding);
     return grads;
   };
   at::Tensor grad_input = at::empty({0}, input.options());
@@ -279,13 +277,10 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
         const auto [w_partials, grid_x] = conv_rows16_grad_out_w(s, x, w, terms, g_hat);
         grad_weight =
             reduce_weight_grad(w_partials, grid_x, kRowsChannels, s.kh * s.kw * s.c_in, s, weight);
-        if (input_weight_mask[0]) {
-          grad_input = conv_grads(g_hat, w, {true, false}, /*after_ours=*/true).first;
-        }
+        if (input_weight_mask[0]) grad_input = conv_grads(g_hat, w, {true, false}).first;
       } else {
         if (rows16) {
-          // After finalize_grad_kernel, x, w and grad complete before pass 1.
-          conv_rows16_grad_out(s, x, w, terms, g_hat, /*dependent=*/true);
+          conv_rows16_grad_out(s, x, w, terms, g_hat);
         } else {
           run_tile_kernel<TileMode::kGradOut>(s, x, w, BnFold{}, terms, g_hat, nullptr);
         }

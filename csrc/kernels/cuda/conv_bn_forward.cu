@@ -111,13 +111,14 @@ at::Tensor weight_for(const ConvShape& s, const at::Tensor& x, const at::Tensor&
 // weight_for() gives it (.contiguous() below is a no-op but where
 // FUSED_CONV_FORWARD_KERNEL=rows-stats moves a 16-bit apply to the tile kernel).
 // dependent: the previous kernel on the stream is finalize_stats_kernel, which
-// the 16-bit row kernel may overlap (dependent_launch.cuh).
+// the float32 row kernel may overlap (dependent_launch.cuh; the 16-bit one
+// measured slower so: DESIGN.md).
 void apply_fold(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const BnFold& fold,
                 at::Tensor& out, int device, bool dependent) {
   if (conv_rows_apply_supports(s, x.scalar_type(), device)) {
     conv_rows_apply(s, x, w, fold, out, dependent);
   } else if (conv_rows16_apply_supports(s, x, device)) {
-    conv_rows16_apply(s, x, w, fold, out, dependent);
+    conv_rows16_apply(s, x, w, fold, out);
   } else {
     run_tile_kernel<TileMode::kApply>(s, x, w.contiguous(), fold, GradTerms{}, out, nullptr);
   }

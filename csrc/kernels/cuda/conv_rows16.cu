@@ -58,7 +58,6 @@
 #include <cstring>
 
 #include "kernels/cuda/conv_rows.h"
-#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/rows_statistics.cuh"
 #include "kernels/cuda/tf32_mma.cuh"
 #include "kernels/cuda/tile_launch.cuh"
@@ -129,10 +128,6 @@ constexpr bool is_forward(Rows16Mode m) {
 constexpr int min_blocks(Rows16Mode m) {
   return m == Rows16Mode::kStats ? 4 : is_forward(m) ? 1 : kGradMinBlocks;
 }
-// Whether a mode takes part in programmatic dependent launch (its trigger and
-// wait, dependent_launch.cuh). Not kGradOutW: at 168 registers, either one
-// alone made ptxas serialise its MMAs (C7511; one dtype or the other).
-constexpr bool dependent_capable(Rows16Mode m) { return m != Rows16Mode::kGradOutW; }
 constexpr int ring_slots(Rows16Mode m) { return is_forward(m) ? 3 : kGradStages; }
 constexpr int stage_count(Rows16Mode m) {
   return m == Rows16Mode::kStats ? 0 : m == Rows16Mode::kApply ? 1 : kGradStages;
@@ -287,10 +282,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks(kMode))
   const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   const uint32_t zero_addr = static_cast<uint32_t>(__cvta_generic_to_shared(zero));
   const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
-  // Every block of this persistent grid is resident from the start, so the
-  // next kernel may be scheduled into the places our blocks leave
-  // (dependent_launch.cuh).
-  if constexpr (dependent_capable(kMode)) let_next_kernel_start();
 
   // Warp index broadcast from lane 0: warp-uniform to the compiler, so that no
   // branch near the wgmmas looks divergent (ptxas would serialize them).
@@ -408,10 +399,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks(kMode))
   // values are never stored): kApply the fold (fa, fd); kGrad the centre ctr
   // and kGradOut g_hat's coefficients (fa = A, fc = C, fd = D).
   const int c_mine = c_base + 16 * warp + g;
-  // Launched as a dependent (the apply after finalize_stats, g_hat's pass after
-  // finalize_grad), everything above read only the op's inputs: x, w, g. The
-  // per-channel terms below come from the previous kernel.
-  if constexpr (dependent_capable(kMode)) wait_for_previous_kernel();
   float fa[2] = {0.f, 0.f}, fd[2] = {0.f, 0.f}, fc[2] = {0.f, 0.f}, ctr[2] = {0.f, 0.f};
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
@@ -679,28 +666,25 @@ __global__ void __launch_bounds__(kThreads, min_blocks(kMode))
 #endif
 }
 
-// dependent: launched as a programmatic dependent of the stream's previous
-// kernel (dependent_launch.cuh), which the caller knows to be its op's own,
-// launched after x, w and g were complete.
 template <typename T, Rows16Mode kMode>
 int launch_rows16(const Rows16Shape& r, const T* x, const T* w, const BnFold& f,
-                  const GradTerms& gt, float* partials, T* out, bool dry_run, bool dependent) {
+                  const GradTerms& gt, float* partials, T* out, bool dry_run) {
   auto kernel = conv_rows16_kernel<T, kMode>;
   const size_t smem = smem_bytes(r, kMode);
   const int grid_x =
       row_kernel_grid(reinterpret_cast<const void*>(kernel), kThreads, smem, r.c_out, r.strips);
   if (!dry_run) {
     const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
-    launch_kernel(dependent && dependent_capable(kMode), kernel, grid, kThreads, smem,
-                  c10::cuda::getCurrentCUDAStream(), x, w, r, f, gt, partials, out);
+    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f, gt, partials,
+                                                                        out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return grid_x;
 }
 
 template <Rows16Mode kMode>
 int run_rows16(const Rows16Shape& shape, const at::Tensor& x, const at::Tensor& w, const BnFold& f,
-               const GradTerms& gt, float* partials, at::Tensor* out, bool dry_run,
-               bool dependent = false) {
+               const GradTerms& gt, float* partials, at::Tensor* out, bool dry_run) {
   Rows16Shape r = shape;
   r.ws = weight_strides(w);
   r.w_chunked = r.ws.ci == 1 && r.ws.co % 8 == 0 && r.ws.r % 8 == 0 && r.ws.q % 8 == 0 &&
@@ -710,8 +694,7 @@ int run_rows16(const Rows16Shape& shape, const at::Tensor& x, const at::Tensor& 
     return launch_rows16<T, kMode>(
         r, reinterpret_cast<const T*>(x.const_data_ptr()),
         reinterpret_cast<const T*>(w.const_data_ptr()), f, gt, partials,
-        out != nullptr ? reinterpret_cast<T*>(out->mutable_data_ptr()) : nullptr, dry_run,
-        dependent);
+        out != nullptr ? reinterpret_cast<T*>(out->mutable_data_ptr()) : nullptr, dry_run);
   };
   return x.scalar_type() == at::kBFloat16 ? launch(__nv_bfloat16{}) : launch(__half{});
 }
@@ -772,10 +755,10 @@ std::pair<at::Tensor, int> conv_rows16_stats(const ConvShape& s, const at::Tenso
 }
 
 void conv_rows16_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
-                       const BnFold& f, at::Tensor& out, bool dependent) {
+                       const BnFold& f, at::Tensor& out) {
   check_rows16_output(s, x, out);
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
-  run_rows16<Rows16Mode::kApply>(r, x, w, f, GradTerms{}, nullptr, &out, false, dependent);
+  run_rows16<Rows16Mode::kApply>(r, x, w, f, GradTerms{}, nullptr, &out, false);
 }
 
 bool conv_rows16_grad_supports(const ConvShape& s, const at::Tensor& x, const at::Tensor& grad,
@@ -791,10 +774,10 @@ std::pair<at::Tensor, int> conv_rows16_grad_stats(const ConvShape& s, const at::
 }
 
 void conv_rows16_grad_out(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
-                          const GradTerms& gt, at::Tensor& g_hat, bool dependent) {
+                          const GradTerms& gt, at::Tensor& g_hat) {
   check_rows16_output(s, x, g_hat);
   const Rows16Shape r = make_rows16_shape(s, rows_per_strip(kDefaultRows));
-  run_rows16<Rows16Mode::kGradOut>(r, x, w, BnFold{}, gt, nullptr, &g_hat, false, dependent);
+  run_rows16<Rows16Mode::kGradOut>(r, x, w, BnFold{}, gt, nullptr, &g_hat, false);
 }
 
 bool conv_rows16_weight_grad_fusable(const ConvShape& s) {

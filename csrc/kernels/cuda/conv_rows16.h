@@ -27,11 +27,6 @@ bool conv_rows16_apply_supports(const ConvShape& s, const at::Tensor& x, int dev
 
 // Every pass below takes the weight w with any strides (it is staged once per
 // block by them: a channels_last module's weight needs no contiguous copy).
-// `dependent` (the apply and pass 2 without the weight gradient): launched as
-// a programmatic dependent of the stream's previous kernel, which must be the
-// op's own, launched when x, w and grad were complete (dependent_launch.cuh);
-// the kernel reads its per-channel terms (f, gt's centre and coefficients)
-// only after waiting for that kernel.
 
 // Per-block (count, mean, M2) of conv(x) (no bias) per channel: the partials
 // tensor [ceil(C_out / 64)][grid][64][3] and the grid width, as
@@ -42,7 +37,7 @@ std::pair<at::Tensor, int> conv_rows16_stats(const ConvShape& s, const at::Tenso
 // out = a[c]*conv(x) + d[c] with the fold f, rounded to x's dtype, channels_last
 // (out allocated by the caller, 16-byte aligned).
 void conv_rows16_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
-                       const BnFold& f, at::Tensor& out, bool dependent);
+                       const BnFold& f, at::Tensor& out);
 
 // The backward's passes on the same kernel (the math: conv_bn_backward.cu),
 // where conv_rows16_apply_supports() holds and grad (grad_out in the input's
@@ -55,7 +50,7 @@ std::pair<at::Tensor, int> conv_rows16_grad_stats(const ConvShape& s, const at::
                                                   const at::Tensor& w, const GradTerms& gt);
 // pass 2: g_hat = A*g + C*(y - ctr) + D, rounded to x's dtype without bias.
 void conv_rows16_grad_out(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
-                          const GradTerms& gt, at::Tensor& g_hat, bool dependent);
+                          const GradTerms& gt, at::Tensor& g_hat);
 // Whether pass 2 can also reduce the weight gradient (K <= 9 channel chunks
 // of 8: 3x3 x 8 input channels), and that pass: g_hat as above plus per-block
 // partials of sum g_hat * x over the block's pixels, [ceil(C_out / 64)][grid]

@@ -48,7 +48,6 @@
 #include <cstring>
 
 #include "kernels/cuda/conv_rows.h"
-#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/tf32_mma.cuh"
 #include "kernels/cuda/tile_launch.cuh"
 #include "kernels/cuda/wgmma_16bit.cuh"
@@ -189,8 +188,6 @@ __global__ void __launch_bounds__(kThreads)
   // has scale-d = 0, and zeroing instructions near the MMAs would make ptxas
   // serialize them (C7515).
   float acc[R][4];
-  // Every block of this persistent grid is resident from the start.
-  let_next_kernel_start();
 
   for (int64_t item = blockIdx.x; item < s.items; item += gridDim.x) {
     int64_t rest = item;
@@ -230,9 +227,6 @@ __global__ void __launch_bounds__(kThreads)
       }
       staged_cb = cb;  // made visible to wgmma by the first group's fence and barrier
     }
-    // Launched as a dependent (dependent_launch.cuh), the weights above are the
-    // op's input; g is the previous kernels' output. (A no-op after the first.)
-    wait_for_previous_kernel();
     for (int j = 0; j < window; ++j) copy_row(j);  // the first group's window
     cp_async_commit();
 
@@ -305,7 +299,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int KH, int KW, int PAIRS>
 void launch_unrolled(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w,
-                     at::Tensor& dx, bool dependent) {
+                     at::Tensor& dx) {
   auto kernel = grad_input_rows16_kernel<T, KH, KW, PAIRS>;
   const size_t smem = smem_bytes(s);
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
@@ -315,23 +309,22 @@ void launch_unrolled(const Dgrad16Shape& s, const at::Tensor& g, const at::Tenso
       static_cast<int64_t>(per_sm) * multiprocessors(g.get_device()), 1, s.items);
   const T* gp = reinterpret_cast<const T*>(g.const_data_ptr());
   const T* wp = reinterpret_cast<const T*>(w.const_data_ptr());
-  launch_kernel(dependent, kernel, static_cast<unsigned>(grid), kThreads, smem,
-                c10::cuda::getCurrentCUDAStream(), gp, wp, s,
-                reinterpret_cast<T*>(dx.mutable_data_ptr()));
+  kernel<<<static_cast<unsigned>(grid), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      gp, wp, s, reinterpret_cast<T*>(dx.mutable_data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // 3x3 kernels with C_out = 64 (the reference problem) or 32 run fully
 // unrolled; C_out = 128 and more does not fit the shared memory budget.
 // Everything else takes the kernel with runtime loops.
 template <typename T>
-void launch(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w, at::Tensor& dx,
-            bool dependent) {
+void launch(const Dgrad16Shape& s, const at::Tensor& g, const at::Tensor& w, at::Tensor& dx) {
   if (s.kh == 3 && s.kw == 3 && s.planes == 8) {
-    launch_unrolled<T, 3, 3, 4>(s, g, w, dx, dependent);
+    launch_unrolled<T, 3, 3, 4>(s, g, w, dx);
   } else if (s.kh == 3 && s.kw == 3 && s.planes == 4) {
-    launch_unrolled<T, 3, 3, 2>(s, g, w, dx, dependent);
+    launch_unrolled<T, 3, 3, 2>(s, g, w, dx);
   } else {
-    launch_unrolled<T, 0, 0, 0>(s, g, w, dx, dependent);
+    launch_unrolled<T, 0, 0, 0>(s, g, w, dx);
   }
 }
 
@@ -375,7 +368,7 @@ bool grad_input_rows16_supports(const at::Tensor& grad_conv_out, const at::Tenso
 }
 
 at::Tensor grad_input_rows16(const at::Tensor& grad_conv_out, const at::Tensor& input,
-                             const at::Tensor& weight, at::IntArrayRef padding, bool dependent) {
+                             const at::Tensor& weight, at::IntArrayRef padding) {
   c10::cuda::CUDAGuard guard(input.device());
   const int64_t unit[2] = {1, 1};
   TORCH_CHECK(grad_input_rows16_supports(grad_conv_out, input, weight, unit, padding, unit, 1),
@@ -384,13 +377,10 @@ at::Tensor grad_input_rows16(const at::Tensor& grad_conv_out, const at::Tensor& 
   const Dgrad16Shape s = make_dgrad16_shape(grad_conv_out, input, w, padding);
   at::Tensor dx =
       at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  // A copy of the weight made here would be the previous kernel, whose output
-  // the dependent kernel reads before its wait: then launch normally.
-  const bool after_ours = dependent && w.is_same(weight);
   if (input.scalar_type() == at::kBFloat16) {
-    launch<__nv_bfloat16>(s, grad_conv_out, w, dx, after_ours);
+    launch<__nv_bfloat16>(s, grad_conv_out, w, dx);
   } else {
-    launch<__half>(s, grad_conv_out, w, dx, after_ours);
+    launch<__half>(s, grad_conv_out, w, dx);
   }
   return dx;
 }

@@ -21,12 +21,7 @@ bool grad_input_rows16_supports(const at::Tensor& grad_conv_out, const at::Tenso
 // grad_conv_out (channels_last, the input's dtype), on the current stream: a
 // new channels_last tensor of the input's shape and dtype. The weight may have
 // any strides (staged by them). Requires grad_input_rows16_supports.
-// `dependent`: launched as a programmatic dependent of the stream's previous
-// kernel, which must be the op's own, launched when the weight was complete
-// (dependent_launch.cuh): the kernel stages the weight before it waits for
-// that kernel, and reads grad_conv_out after.
 at::Tensor grad_input_rows16(const at::Tensor& grad_conv_out, const at::Tensor& input,
-                             const at::Tensor& weight, at::IntArrayRef padding,
-                             bool dependent = false);
+                             const at::Tensor& weight, at::IntArrayRef padding);
 
 }  // namespace fused_conv::cuda
