@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/grad_coefficients.cuh"
 
 namespace fused_conv::cuda {
@@ -88,6 +89,8 @@ __global__ void param_grads_kernel(int64_t channels, const float* __restrict__ r
                                    float* __restrict__ grad_bn_weight,
                                    float* __restrict__ grad_bn_bias,
                                    float* __restrict__ grad_scale) {
+  // Launched as a dependent of the backward's last pass (dependent_launch.cuh).
+  wait_for_previous_kernel();
   __shared__ double partial[kThreads];
   const float* sum_g = rows + kSumG * channels;
   const float* sum_g_xhat = rows + kSumGXhat * channels;
@@ -149,12 +152,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_param_grads(
   at::Tensor grad_bn_weight = at::empty({channels}, options);
   at::Tensor grad_bn_bias = at::empty({channels}, options);
   at::Tensor grad_scale = at::empty({}, options);
-  param_grads_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      channels, rows.const_data_ptr<float>(), coefs.all.const_data_ptr<float>(),
-      param_view(bn_weight), param_view(bn_bias), training, grad_bias.mutable_data_ptr<float>(),
-      grad_bn_weight.mutable_data_ptr<float>(), grad_bn_bias.mutable_data_ptr<float>(),
-      grad_scale.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(/*dependent=*/true, param_grads_kernel, 1, kThreads, 0,
+                c10::cuda::getCurrentCUDAStream(), channels, rows.const_data_ptr<float>(),
+                coefs.all.const_data_ptr<float>(), param_view(bn_weight), param_view(bn_bias),
+                training, grad_bias.mutable_data_ptr<float>(),
+                grad_bn_weight.mutable_data_ptr<float>(), grad_bn_bias.mutable_data_ptr<float>(),
+                grad_scale.mutable_data_ptr<float>());
   return {grad_bias, grad_bn_weight, grad_bn_bias, grad_scale};
 }
 

@@ -47,6 +47,7 @@
 #include "kernels/cuda/bn_param_grads.h"
 #include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/conv_rows16.h"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/finalize_reduce.cuh"
 #include "kernels/cuda/grad_coefficients.cuh"
 #include "kernels/cuda/grad_input_correction.h"
@@ -65,6 +66,9 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_grad_kernel(const float* __restrict__ partials, int grid_x, int bn, int64_t c_out,
                          const float* __restrict__ invstd, const float* __restrict__ k,
                          double count, bool training, float* __restrict__ rows) {
+  // Launched as a dependent of pass 1 (dependent_launch.cuh).
+  wait_for_previous_kernel();
+  let_next_kernel_start();
   const int64_t c = blockIdx.x;
   const int64_t cb = c / bn, cl = c % bn;
   const auto add = [](double (&v)[3], const double (&o)[3]) {
@@ -94,6 +98,9 @@ template <typename T>
 __global__ void __launch_bounds__(32 * kReduceSlices)
     reduce_weight_grad_kernel(const float* __restrict__ partials, int grid_x, int bn, int k8,
                               int c_out, int c_in, int taps, T* __restrict__ grad_weight) {
+  // Launched as a dependent of the pass that wrote the partials.
+  wait_for_previous_kernel();
+  let_next_kernel_start();
   __shared__ double slice_sums[kReduceSlices][32];
   const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
   const int64_t k_total = static_cast<int64_t>(c_in) * taps;
@@ -133,10 +140,9 @@ at::Tensor reduce_weight_grad(const at::Tensor& partials, int grid_x, int bn, in
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "reduce_weight_grad", [&] {
-        reduce_weight_grad_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
-            partials.const_data_ptr<float>(), grid_x, bn, k8, s.c_out, s.c_in, s.kh * s.kw,
-            grad_weight.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(/*dependent=*/true, reduce_weight_grad_kernel<scalar_t>, blocks, kBlock, 0,
+                      stream, partials.const_data_ptr<float>(), grid_x, bn, k8, s.c_out, s.c_in,
+                      s.kh * s.kw, grad_weight.mutable_data_ptr<scalar_t>());
       });
   return grad_weight;
 }
@@ -198,12 +204,11 @@ tile_conv_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const
       bn = 8 * n_tiles_for(s.c_out);
     }
     rows = at::empty({kGradRows, s.c_out}, input.options().dtype(at::kFloat));
-    finalize_grad_kernel<<<static_cast<unsigned>(s.c_out), kFinalizeThreads, 0,
-                           c10::cuda::getCurrentCUDAStream()>>>(
-        partials.const_data_ptr<float>(), grid_x, bn, s.c_out, invstd_f.const_data_ptr<float>(),
-        k.const_data_ptr<float>(), static_cast<double>(count), training,
-        rows.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(/*dependent=*/true, finalize_grad_kernel, static_cast<unsigned>(s.c_out),
+                  kFinalizeThreads, 0, c10::cuda::getCurrentCUDAStream(),
+                  partials.const_data_ptr<float>(), grid_x, bn, s.c_out,
+                  invstd_f.const_data_ptr<float>(), k.const_data_ptr<float>(),
+                  static_cast<double>(count), training, rows.mutable_data_ptr<float>());
   }
 
   // grad_input / grad_weight. conv_grads: the gradients of the convolution given

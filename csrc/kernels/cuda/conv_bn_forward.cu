@@ -20,6 +20,7 @@
 
 #include "kernels/cuda/conv_rows.h"
 #include "kernels/cuda/conv_rows16.h"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/finalize_reduce.cuh"
 #include "kernels/cuda/tile_launch.cuh"
 
@@ -33,6 +34,9 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_stats_kernel(const float* __restrict__ partials, int grid_x, int bn, int64_t c_out,
                           ParamPtr bias, float eps, float* __restrict__ mean_out,
                           float* __restrict__ invstd_out) {
+  // Launched as a dependent of the statistics pass (dependent_launch.cuh).
+  wait_for_previous_kernel();
+  let_next_kernel_start();
   const int64_t c = blockIdx.x;
   const int64_t cb = c / bn, cl = c % bn;
   const auto merge = [](double (&v)[3], const double (&o)[3]) {
@@ -106,10 +110,13 @@ at::Tensor weight_for(const ConvShape& s, const at::Tensor& x, const at::Tensor&
 // on a row kernel where one covers the shape, else on the tile kernel. w as
 // weight_for() gives it (.contiguous() below is a no-op but where
 // FUSED_CONV_FORWARD_KERNEL=rows-stats moves a 16-bit apply to the tile kernel).
+// dependent: the previous kernel on the stream is finalize_stats_kernel, which
+// the float32 row kernel may overlap (dependent_launch.cuh; the 16-bit one
+// measured slower so: DESIGN.md).
 void apply_fold(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const BnFold& fold,
-                at::Tensor& out, int device) {
+                at::Tensor& out, int device, bool dependent) {
   if (conv_rows_apply_supports(s, x.scalar_type(), device)) {
-    conv_rows_apply(s, x, w, fold, out);
+    conv_rows_apply(s, x, w, fold, out, dependent);
   } else if (conv_rows16_apply_supports(s, x, device)) {
     conv_rows16_apply(s, x, w, fold, out);
   } else {
@@ -155,7 +162,7 @@ at::Tensor tile_conv_bn_eval(const at::Tensor& input, const at::Tensor& weight,
   FoldInputs params(bias, bn_weight, bn_bias, scale_tensor);
   at::Tensor out = empty_output(input, s);
   apply_fold(s, x, w, params.fold(running_mean, running_var, false, eps, scale), out,
-             input.get_device());
+             input.get_device(), /*dependent=*/false);
   return out;
 }
 
@@ -195,14 +202,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_conv_bn_train(
 
   // Pass 2: merge the per-block summaries into mean / invstd.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  finalize_stats_kernel<<<static_cast<unsigned>(s.c_out), kFinalizeThreads, 0, stream>>>(
-      partials.const_data_ptr<float>(), grid_x, bn, s.c_out, params.bias, static_cast<float>(eps),
-      mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(/*dependent=*/true, finalize_stats_kernel, static_cast<unsigned>(s.c_out),
+                kFinalizeThreads, 0, stream, partials.const_data_ptr<float>(), grid_x, bn, s.c_out,
+                params.bias, static_cast<float>(eps), mean.mutable_data_ptr<float>(),
+                invstd.mutable_data_ptr<float>());
 
   // Pass 3: normalise with the batch statistics.
   at::Tensor out = empty_output(input, s);
-  apply_fold(s, x, w, params.fold(mean, invstd, true, eps, scale), out, input.get_device());
+  apply_fold(s, x, w, params.fold(mean, invstd, true, eps, scale), out, input.get_device(),
+             /*dependent=*/true);
   return {out, mean, invstd};
 }
 

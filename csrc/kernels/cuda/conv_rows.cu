@@ -47,6 +47,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/rows_statistics.cuh"
 #include "kernels/cuda/tf32_mma.cuh"
 #include "kernels/cuda/tile_launch.cuh"
@@ -232,6 +233,10 @@ __global__ void __launch_bounds__(kThreads* kGroups)
     const int oh0 = static_cast<int>(row_tile - n * s.strips_h) * s.rows;
     copy_strip<kChannelsLast>(x, s, n, oh0 - s.pad_h, ow0 - s.pad_w, raw, tid);
   };
+  // Every block of this persistent grid is resident from the start, so the
+  // next kernel may be scheduled into the places our blocks leave
+  // (dependent_launch.cuh).
+  let_next_kernel_start();
   // The first kRaw strips' copies fly while the weights are split. One commit
   // per strip slot, empty or not, keeps the group count uniform.
 #pragma unroll
@@ -285,6 +290,9 @@ __global__ void __launch_bounds__(kThreads* kGroups)
   const int c_mine = c_base + 16 * warp + g;
   float fa[2] = {0.f, 0.f}, fd[2] = {0.f, 0.f};
   if constexpr (kApply) {
+    // Launched as a dependent of finalize_stats_kernel, everything above read
+    // only the op's inputs x and w; the fold reads its statistics.
+    wait_for_previous_kernel();
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       if (c_mine + 8 * p < s.c_out) bn_fold_coefficients(f, c_mine + 8 * p, fa[p], fd[p]);
@@ -404,9 +412,10 @@ int rows_groups(const RowsShape& r, bool apply, int device) {
 
 // Launches (or, dry_run, sizes) the kernel; returns the number of units
 // (warpgroups with their own strips and statistics partials): grid x groups.
+// dependent: as launch_rows16's (conv_rows16.cu).
 template <bool kChannelsLast, bool kApply>
 int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold& f,
-                float* partials, float* out, bool dry_run) {
+                float* partials, float* out, bool dry_run, bool dependent = false) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   const auto launch = [&](auto groups_tag) {
@@ -417,9 +426,8 @@ int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold
                                        smem, r.c_out, (r.strips + kGroups - 1) / kGroups);
     if (!dry_run) {
       const dim3 grid(grid_x, static_cast<unsigned>((r.c_out + kCo - 1) / kCo));
-      kernel<<<grid, kThreads * kGroups, smem, c10::cuda::getCurrentCUDAStream()>>>(x, w, r, f,
-                                                                                    partials, out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(dependent, kernel, grid, kThreads * kGroups, smem,
+                    c10::cuda::getCurrentCUDAStream(), x, w, r, f, partials, out);
     }
     return grid_x * kGroups;
   };
@@ -531,13 +539,13 @@ std::pair<at::Tensor, int> conv_rows_stats(const ConvShape& s, const at::Tensor&
 }
 
 void conv_rows_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const BnFold& f,
-                     at::Tensor& out) {
+                     at::Tensor& out, bool dependent) {
   RowsShape r = rows_shape_for(s, x);
   float* o = out.mutable_data_ptr<float>();
   TORCH_CHECK(!s.channels_last, "fused_conv: the row kernel writes NCHW outputs only");
   r.pair_stores = s.w_out % 2 == 0 && reinterpret_cast<uintptr_t>(o) % 8 == 0;
   launch_rows<false, true>(r, x.const_data_ptr<float>(), w.const_data_ptr<float>(), f, nullptr, o,
-                           false);
+                           false, dependent);
 }
 
 }  // namespace fused_conv::cuda

@@ -69,7 +69,10 @@ bool conv_rows_apply_supports(const ConvShape& s, at::ScalarType dtype, int devi
 
 // out = a[c]*conv(x) + d[c] with the fold f (conv_tile_kernel.cuh), written in
 // the layout s.channels_last names; out is allocated by the caller.
+// `dependent`: launched as a programmatic dependent of the stream's previous
+// kernel, which must be the op's own, launched when x and w were complete
+// (dependent_launch.cuh); the kernel reads f's statistics after waiting for it.
 void conv_rows_apply(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const BnFold& f,
-                     at::Tensor& out);
+                     at::Tensor& out, bool dependent);
 
 }  // namespace fused_conv::cuda

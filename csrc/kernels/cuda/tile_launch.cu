@@ -2,9 +2,13 @@
 // (declarations and the rationale of the limits: tile_launch.cuh).
 #include "kernels/cuda/tile_launch.cuh"
 
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
+
+#include "kernels/cuda/dependent_launch.cuh"
 
 namespace fused_conv::cuda {
 namespace {
@@ -63,6 +67,14 @@ int compute_capability_major(int device) {
 int max_shared_memory_per_block(int device) {
   static int cache[64] = {0};
   return cached_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device, cache);
+}
+
+bool dependent_launch_enabled(int device) {
+  static const bool allowed = [] {
+    const char* v = std::getenv("FUSED_CONV_DEPENDENT_LAUNCH");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return allowed && compute_capability_major(device) >= 9;
 }
 
 at::Tensor strided_weight(const at::Tensor& w) {
