@@ -7,7 +7,7 @@
 //           Hopper the 16-bit row kernel, conv_rows16.h): recompute y and reduce
 //           sum g, sum g*(y - ctr), sum (y - ctr) per channel into per-block
 //           partials; nothing output-sized is written.
-//   finalize (one warp per channel, float64, fixed order: deterministic):
+//   finalize (one block of 8 warps per channel, float64, fixed order: deterministic):
 //           sum(g*x_hat) = invstd * sum g*(y - ctr), and in training the
 //           recentring delta = invstd * sum(y - ctr) / M (the saved mean is
 //           the exact batch mean rounded to float32: see
