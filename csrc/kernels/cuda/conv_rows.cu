@@ -412,7 +412,8 @@ int rows_groups(const RowsShape& r, bool apply, int device) {
 
 // Launches (or, dry_run, sizes) the kernel; returns the number of units
 // (warpgroups with their own strips and statistics partials): grid x groups.
-// dependent: as launch_rows16's (conv_rows16.cu).
+// dependent: launched as a programmatic dependent of the stream's previous
+// kernel (conv_rows_apply, conv_rows.h).
 template <bool kChannelsLast, bool kApply>
 int launch_rows(const RowsShape& r, const float* x, const float* w, const BnFold& f,
                 float* partials, float* out, bool dry_run, bool dependent = false) {
