@@ -50,8 +50,6 @@ struct ConvShape {
   int c_chunk, chunks, chunk_k_steps;
 };
 
-// Per-channel epilogue out = a[c]*conv(x)[c] + d[c] with
-//   a = s*gamma*invstd,  d = s*beta + a*(bias - mean).
 // A per-channel parameter or statistic as the module holds it: float32,
 // float16 or bfloat16, contiguous (the host makes a float32 copy of anything
 // else). Read in its own dtype, so a 16-bit conv bias or BatchNorm needs no
@@ -69,6 +67,8 @@ __device__ __forceinline__ float load_param(const ParamPtr& p, int64_t i) {
                                         : __half2float(__ushort_as_half(bits));
 }
 
+// Per-channel epilogue out = a[c]*conv(x)[c] + d[c] with
+//   a = s*gamma*invstd,  d = s*beta + a*(bias - mean).
 struct BnFold {
   ParamPtr bias;           // conv bias, or absent
   ParamPtr gamma;          // absent for affine=False
